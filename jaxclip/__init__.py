@@ -1,0 +1,28 @@
+"""jaxclip: gradient clipping for JAX and Optax.
+
+Every clipper is an ``optax.GradientTransformation`` that chains before any
+optimizer, runs under ``jax.jit``, keeps all its state in fixed-shape arrays
+and records what it did in a :class:`ClipStats`::
+
+    import optax, jaxclip
+    tx = optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    ...
+    jaxclip.get_stats(opt_state).norm   # the pre-clip global norm
+"""
+
+from jaxclip._norms import global_norm, leaf_norms
+from jaxclip._stats import ClipStats, get_stats, stats_dict
+from jaxclip.fixed import clip_by_global_norm, clip_by_norm, clip_by_value
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClipStats",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+    "get_stats",
+    "global_norm",
+    "leaf_norms",
+    "stats_dict",
+]

@@ -1,0 +1,126 @@
+"""Turning a norm and a threshold into a scale, and applying it to a gradient.
+
+Shared by every norm-based clipper: the scale formula (plain, or PyTorch's with
+``eps``), the optional lower bound, the non-finite policies and the
+dtype-preserving multiply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxclip import _checks
+
+Array = jax.Array
+
+
+def as_threshold(value: Any, step: Array, dtype: Any) -> Array:
+    """A threshold hyperparameter (number, array or schedule) as a ``dtype`` scalar."""
+    if callable(value) and not isinstance(value, jax.Array):
+        value = value(step)
+    return jnp.asarray(value).astype(dtype)
+
+
+def scale_for(
+    norm: Array,
+    threshold: Array,
+    *,
+    eps: Any = 0.0,
+    min_norm: Any = None,
+) -> Array:
+    """The factor that brings ``norm`` down to ``threshold`` (or up to ``min_norm``).
+
+    With ``eps == 0``: ``threshold / norm`` when ``norm > threshold``, else 1.
+    With ``eps > 0`` (PyTorch's ``clip_grad_norm_``): ``min(1, threshold *
+    (1 / (norm + eps)))``, computed as PyTorch computes it so that float32
+    results agree bit for bit. A NaN norm gives a NaN scale and an infinite
+    norm a zero scale, as in Optax and PyTorch; the non-finite policies decide
+    what happens next. ``norm == threshold == 0`` gives 1, never NaN.
+    """
+    dtype = norm.dtype
+    threshold = jnp.asarray(threshold, dtype)
+    eps_value = _checks.concrete_value(eps)
+    safe_norm = jnp.where(norm > 0, norm, jnp.ones_like(norm))
+    plain = threshold / safe_norm
+    if eps_value == 0.0:
+        coef, over = plain, norm > threshold
+    else:
+        eps_arr = jnp.asarray(eps, dtype)
+        torch_like = threshold * lax.reciprocal(norm + eps_arr)
+        if eps_value is None:  # traced eps: choose at run time
+            torch_like = jnp.where(eps_arr > 0, torch_like, plain)
+        coef, over = torch_like, norm + eps_arr > threshold
+    scale = jnp.where(over, jnp.minimum(coef, 1), jnp.ones_like(norm))
+    if min_norm is not None:
+        lower = jnp.asarray(min_norm, dtype)
+        raise_up = (norm > 0) & (norm < lower)
+        scale = jnp.where(raise_up, lower / safe_norm, scale)
+    return jnp.where(jnp.isnan(norm), jnp.full_like(norm, jnp.nan), scale)
+
+
+def multiply(x: Array, scale: Array) -> Array:
+    """``x * scale`` computed in the scale's dtype and rounded once to ``x.dtype``."""
+    if x.dtype == scale.dtype:
+        return x * scale
+    return (x.astype(scale.dtype) * scale).astype(x.dtype)
+
+
+def apply_policy(x: Array, scale: Array, step_finite: Array, policy: str) -> Array:
+    """Scales one leaf under a non-finite policy.
+
+    ``propagate`` and ``error`` multiply as they are; ``skip`` returns zeros when
+    the step is not finite; ``zero`` sets non-finite elements to zero.
+    """
+    if policy == "skip":
+        return jnp.where(step_finite, multiply(x, scale), jnp.zeros_like(x))
+    if policy == "zero":
+        return jnp.where(jnp.isfinite(x), multiply(x, scale), jnp.zeros_like(x))
+    return multiply(x, scale)
+
+
+def reported_scale(scale: Array, step_finite: Array, policy: str) -> Array:
+    """The scale recorded in the statistics: 0 for a skipped step."""
+    if policy == "skip":
+        return jnp.where(step_finite, scale, jnp.zeros_like(scale))
+    return scale
+
+
+def raise_if_nonfinite(
+    owner: str, paths: Sequence[Any], leaves: Sequence[Array], step_finite: Array
+) -> None:
+    """Raises FloatingPointError, naming the leaves, when ``step_finite`` is False.
+
+    Works inside ``jit``: the leaves are inspected (one extra pass) only on a
+    non-finite step, and the error surfaces when the step's result is used.
+    """
+    names = [_checks.path_str(p) for p in paths]
+
+    def report(has_nan: Sequence[Array], has_inf: Sequence[Array]) -> None:
+        bad = []
+        for name, n, i in zip(names, has_nan, has_inf):
+            kinds = [k for k, flag in (("NaN", n), ("inf", i)) if bool(flag)]
+            if kinds:
+                bad.append(f"{name} has {' and '.join(kinds)}")
+        detail = (
+            "; ".join(bad)
+            if bad
+            else "no element is NaN or inf, but the norm overflows the accumulation dtype"
+        )
+        raise FloatingPointError(
+            f"{owner}: non-finite gradient ({detail}). Use nonfinite='skip' to skip such "
+            "steps, 'zero' to zero the non-finite elements, or 'propagate' to pass them on."
+        )
+
+    def flags() -> tuple[list[Array], list[Array]]:
+        return [jnp.any(jnp.isnan(x)) for x in leaves], [jnp.any(jnp.isinf(x)) for x in leaves]
+
+    if not isinstance(step_finite, jax.core.Tracer):  # eager: raise here, plainly
+        if not bool(step_finite):
+            report(*flags())
+        return
+    lax.cond(step_finite, lambda: None, lambda: jax.debug.callback(report, *flags()))

@@ -1,0 +1,207 @@
+"""Argument checks: hyperparameters at construction, gradient trees at trace time.
+
+Hyperparameters may be Python numbers, concrete arrays, or tracers (when
+``optax.inject_hyperparams`` rebuilds a transform inside a jitted update). Only
+values that can be read are checked; tracers were checked when the same
+transform was built with concrete values in ``init``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NONFINITE_POLICIES = ("propagate", "skip", "zero", "error")
+
+
+def concrete_value(value: Any) -> float | None:
+    """Returns ``value`` as a Python float when it can be read now, else None."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        if np.ndim(value) != 0:
+            return None
+        return float(np.asarray(value))
+    return None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and not isinstance(
+        value, jax.core.Tracer
+    ):
+        return f"{np.asarray(value)!r}"
+    return repr(value)
+
+
+def check_scalar(
+    owner: str,
+    name: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    strict: bool = False,
+    maximum: float | None = None,
+    allow_inf: bool = False,
+) -> None:
+    """Raises ValueError if a scalar hyperparameter is out of its range.
+
+    Args:
+      owner: the public function being built, used in the message.
+      name: the parameter's name.
+      value: the value given.
+      minimum: lowest allowed value (inclusive unless ``strict``).
+      strict: whether ``minimum`` itself is excluded.
+      maximum: highest allowed value (inclusive).
+      allow_inf: whether +inf is acceptable.
+    """
+    if isinstance(value, bool) or (
+        not isinstance(value, (int, float, np.ndarray, np.generic, jax.Array))
+    ):
+        raise TypeError(
+            f"{owner}: {name} must be a real number or a scalar array, got {_describe(value)}."
+        )
+    if isinstance(value, jax.core.Tracer):
+        if value.ndim != 0:
+            raise ValueError(
+                f"{owner}: {name} must be a scalar, got an array of shape {value.shape}."
+            )
+        return
+    if np.ndim(value) != 0:
+        raise ValueError(
+            f"{owner}: {name} must be a scalar, got an array of shape {np.shape(value)}."
+        )
+    dtype = np.asarray(value).dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{owner}: {name} must be a real number, got {_describe(value)}.")
+    v = float(np.asarray(value))
+    if math.isnan(v):
+        raise ValueError(f"{owner}: {name} must not be NaN.")
+    if math.isinf(v) and not (allow_inf and v > 0):
+        raise ValueError(f"{owner}: {name} must be finite, got {v}.")
+    if minimum is not None and (v < minimum or (strict and v == minimum)):
+        relation = ">" if strict else ">="
+        raise ValueError(f"{owner}: {name} must be {relation} {minimum}, got {v}.")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{owner}: {name} must be <= {maximum}, got {v}.")
+
+
+def check_threshold(owner: str, name: str, value: Any) -> None:
+    """A norm threshold: a finite number >= 0, a scalar array, or a schedule."""
+    if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
+        return  # a schedule of the step count; checked when it is called
+    check_scalar(owner, name, value, minimum=0.0)
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{owner}: {name} must be one of {options}, got {value!r}.")
+    return value
+
+
+def check_order(owner: str, value: Any) -> float:
+    """Returns the norm order as a float: 1, 2, inf or a real p >= 1.
+
+    ``None`` means 2. The order selects code at trace time, so it must be a
+    Python number (or a concrete array); an injected (traced) order is refused
+    with instructions.
+    """
+    if value is None:
+        return 2.0
+    if isinstance(value, str):
+        if value.lower() in ("inf", "infinity"):
+            return math.inf
+        raise ValueError(f"{owner}: ord must be 1, 2, inf or a real number >= 1, got {value!r}.")
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(
+            f"{owner}: ord must be a Python number, but it is traced. Under "
+            "optax.inject_hyperparams pass static_args=('ord',), or leave ord at its "
+            "default (None, the L2 norm)."
+        )
+    if isinstance(value, bool) or concrete_value(value) is None:
+        raise ValueError(f"{owner}: ord must be 1, 2, inf or a real number >= 1, got {value!r}.")
+    p = concrete_value(value)
+    assert p is not None
+    if math.isnan(p) or p < 1:
+        raise ValueError(f"{owner}: ord must be 1, 2, inf or a real number >= 1, got {p}.")
+    return p
+
+
+def check_axis(owner: str, axis: Any) -> tuple[int, ...] | None:
+    """Normalises ``axis`` (None, an int or a sequence of ints) to a tuple."""
+    if axis is None:
+        return None
+    if isinstance(axis, jax.core.Tracer):
+        raise ValueError(
+            f"{owner}: axis must be a Python int or tuple of ints, but it is traced. Under "
+            "optax.inject_hyperparams pass static_args=('axis',)."
+        )
+    items = (axis,) if np.ndim(axis) == 0 and not isinstance(axis, (tuple, list)) else axis
+    out = []
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer, np.ndarray, jax.Array)):
+            raise ValueError(f"{owner}: axis must be an int or a tuple of ints, got {axis!r}.")
+        out.append(int(a))
+    if len(set(out)) != len(out):
+        raise ValueError(f"{owner}: axis has repeated entries: {axis!r}.")
+    return tuple(out)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """A readable pytree path such as ``['dense']['kernel']`` (``<root>`` if empty)."""
+    s = jax.tree_util.keystr(tuple(path))
+    return s if s else "<root>"
+
+
+def float_leaves(tree: Any, owner: str, what: str = "updates") -> list[tuple[Any, jax.Array]]:
+    """Returns ``(path, leaf)`` for every leaf, refusing non-floating leaves.
+
+    ``None`` leaves and empty subtrees have no leaves and pass. Leaves of
+    dtype ``float0`` (JAX's gradient of an integer input) carry no values and
+    are not returned: the transforms pass them through unchanged.
+
+    Raises:
+      TypeError: naming the first integer, boolean or complex leaf.
+    """
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            leaf = jnp.asarray(leaf)
+            dtype = leaf.dtype
+        if dtype == jax.dtypes.float0:
+            continue
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{owner}: {what} leaf {path_str(path)} has dtype {dtype}; clipping needs "
+                "floating-point leaves (float16, bfloat16, float32 or float64). Cast it, or "
+                "leave it out of the transform with optax.masked / optax.partition."
+            )
+        out.append((path, leaf))
+    return out
+
+
+def map_float_leaves(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """``jax.tree.map`` that leaves ``float0`` leaves untouched."""
+
+    def apply(leaf: Any, *others: Any) -> Any:
+        if getattr(leaf, "dtype", None) == jax.dtypes.float0:
+            return leaf
+        return fn(leaf, *others)
+
+    return jax.tree.map(apply, tree, *rest)
+
+
+def replace_leaves(tree: Any, paths: Sequence[Any], new_leaves: Sequence[Any]) -> Any:
+    """``tree`` with the leaf at each of ``paths`` replaced; other leaves kept."""
+    by_path = {tuple(path): leaf for path, leaf in zip(paths, new_leaves)}
+    return jax.tree_util.tree_map_with_path(lambda path, x: by_path.get(tuple(path), x), tree)

@@ -1,0 +1,84 @@
+"""The main job, ``python -m jaxclip demo``, end to end and in parts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxclip import demo
+
+
+def _run(*args, cwd):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "jaxclip", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_demo_runs_and_writes_its_results(tmp_path):
+    out = tmp_path / "results"
+    proc = _run("demo", "--steps", "40", "--seed", "3", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for method in demo.METHODS:
+        assert method in proc.stdout
+    assert "final loss" in proc.stdout and str(out / "summary.json") in proc.stdout
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["method"] for r in rows] == list(demo.METHODS)
+    lines = (out / "history.csv").read_text().splitlines()
+    assert len(lines) == 1 + 40 * len(demo.METHODS)
+    assert "40/40" in proc.stderr  # the progress bar
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["demo", "--steps", "0"], "--steps: must be at least 1"),
+        (["demo", "--steps", "many"], "expected a whole number"),
+        (["demo", "--methods", "clip_by_global_norm,bogus"], "unknown method(s) bogus"),
+        (["train"], "invalid choice"),
+    ],
+)
+def test_bad_flags_get_a_clear_message(tmp_path, args, message):
+    proc = _run(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_history_records_what_the_clipper_did():
+    config = demo.Config(steps=30, seed=1)
+    clipped = demo.train("clip_by_global_norm", config)
+    assert np.all(clipped.threshold == 1.0)
+    np.testing.assert_array_equal(clipped.clipped, clipped.norm > 1.0)
+    assert clipped.summary["clipped steps"] == int(np.sum(clipped.norm > 1.0))
+    assert clipped.summary["largest norm"] == pytest.approx(clipped.norm.max())
+    plain = demo.train("none", config)
+    assert np.all(np.isnan(plain.threshold)) and not plain.clipped.any()
+    # same seed, same first batch and parameters: the first losses agree
+    assert plain.loss[0] == pytest.approx(clipped.loss[0])
+
+
+def test_adding_problem_targets():
+    import jax
+
+    x, y = demo.adding_batch(jax.random.PRNGKey(0), demo.Config(batch=5, seq_len=10))
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.shape == (5, 10, 2)
+    np.testing.assert_array_equal(x[..., 1].sum(axis=1), 2.0)
+    np.testing.assert_allclose(y, (x[..., 0] * x[..., 1]).sum(axis=1), rtol=1e-6)
+
+
+def test_format_table():
+    table = demo.format_table(
+        [{"method": "a", "loss": 0.5}, {"method": "bb", "loss": float("nan")}]
+    )
+    lines = table.splitlines()
+    assert lines[0].split() == ["method", "loss"]
+    assert lines[3].split() == ["bb", "nan"]

@@ -1,0 +1,146 @@
+"""The edge-case matrix: every fixed clipper against awkward gradients, with and without jit."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _helpers import np_norm
+
+import jaxclip
+
+CLIPPERS = {
+    "global_norm": lambda: jaxclip.clip_by_global_norm(1.0),
+    "norm": lambda: jaxclip.clip_by_norm(1.0),
+    "value": lambda: jaxclip.clip_by_value(1.0),
+}
+MODES = {"jit": jax.jit, "eager": lambda f: f}
+
+
+def _run(name, grads, mode, tx=None):
+    tx = tx or CLIPPERS[name]()
+    return MODES[mode](tx.update)(grads, tx.init(None))
+
+
+def _f32(x):
+    return np.asarray(x, np.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_zeros(name, mode):
+    grads = {"a": jnp.zeros((2, 2)), "b": jnp.zeros(3, jnp.bfloat16)}
+    out, stats = _run(name, grads, mode)
+    for leaf in jax.tree.leaves(out):
+        np.testing.assert_array_equal(_f32(leaf), 0.0)
+    assert float(stats.norm) == 0.0
+    assert not bool(stats.clipped) and bool(stats.finite)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_nan(name, mode):
+    grads = {"a": jnp.array([jnp.nan, 5.0]), "b": jnp.array([3.0])}
+    out, stats = _run(name, grads, mode)
+    assert not bool(stats.finite) and int(stats.nonfinite_steps) == 1
+    assert math.isnan(float(out["a"][0]))
+    if name == "global_norm":  # as Optax and PyTorch: the whole update is NaN
+        assert bool(jnp.all(jnp.isnan(out["b"])))
+    elif name == "norm":  # per leaf: only the leaf with NaN
+        np.testing.assert_array_equal(out["b"], [1.0])
+    else:
+        np.testing.assert_array_equal(out["a"][1:], [1.0])
+        np.testing.assert_array_equal(out["b"], [1.0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_inf(name, mode):
+    grads = {"a": jnp.array([jnp.inf, 5.0]), "b": jnp.array([3.0])}
+    out, stats = _run(name, grads, mode)
+    assert not bool(stats.finite)
+    if name == "global_norm":  # as Optax and PyTorch: finite -> 0, inf -> NaN
+        assert math.isnan(float(out["a"][0]))
+        np.testing.assert_array_equal(out["b"], [0.0])
+    elif name == "norm":
+        assert math.isnan(float(out["a"][0]))
+        np.testing.assert_array_equal(out["b"], [1.0])
+    else:
+        np.testing.assert_array_equal(out["a"], [1.0, 1.0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_float16_overflow_values(name, mode):
+    # each value is finite in float16; their squares and their norm are not
+    grads = {"a": jnp.array([60000.0, -60000.0], jnp.float16), "b": jnp.array([300.0], jnp.float16)}
+    out, stats = _run(name, grads, mode)
+    assert bool(stats.finite)
+    assert float(stats.norm) == pytest.approx(
+        np_norm(jax.tree.leaves(grads)) if name != "norm" else np_norm([grads["a"]]), rel=1e-6
+    )
+    assert all(leaf.dtype == jnp.float16 for leaf in jax.tree.leaves(out))
+    if name == "global_norm":
+        assert np_norm(jax.tree.leaves(out)) == pytest.approx(1.0, rel=2e-3)
+    elif name == "norm":
+        for leaf in jax.tree.leaves(out):
+            assert np_norm([leaf]) == pytest.approx(1.0, rel=2e-3)
+    else:
+        np.testing.assert_array_equal(_f32(out["a"]), [1.0, -1.0])
+
+
+@pytest.mark.parametrize(
+    "name", ["global_norm", pytest.param("norm", marks=pytest.mark.slow), "value"]
+)
+def test_two_thousand_bfloat16_leaves(name):
+    leaves = [jnp.asarray([math.sqrt(0.1), -0.2], jnp.bfloat16) for _ in range(2000)]
+    out, stats = _run(name, leaves, "jit")
+    assert len(out) == 2000 and all(x.dtype == jnp.bfloat16 for x in out)
+    expected = np_norm(leaves) if name != "norm" else np_norm(leaves[:1])
+    assert float(stats.norm) == pytest.approx(expected, rel=1e-5)  # Optax: 5.66 for 14.14
+    if name == "global_norm":
+        assert np_norm(out) == pytest.approx(1.0, rel=1e-2)
+    elif name == "norm":
+        np.testing.assert_array_equal(_f32(out[0]), _f32(leaves[0]))  # below 1: unchanged
+    else:
+        assert float(stats.extra["clipped_fraction"]) == 0.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_empty_tree(name, mode):
+    for empty in ({}, [], ()):
+        out, stats = _run(name, empty, mode)
+        assert out == empty
+        assert float(stats.norm) == 0.0 and not bool(stats.clipped)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_none_leaves(name, mode):
+    grads = {"a": None, "b": jnp.array([6.0, 8.0]), "c": [None, jnp.array([0.5])]}
+    out, stats = _run(name, grads, mode)
+    assert out["a"] is None and out["c"][0] is None
+    assert float(stats.norm) == pytest.approx(10.0 if name == "norm" else math.sqrt(100.25))
+
+
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_integer_leaves(name):
+    grads = {"ok": jnp.ones(2), "labels": {"ids": jnp.array([1, 2], jnp.int32)}}
+    with pytest.raises(TypeError, match=r"\['labels'\]\['ids'\] has dtype int32"):
+        _run(name, grads, "jit")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_zero_threshold(name, mode):
+    tx = {
+        "global_norm": jaxclip.clip_by_global_norm(0.0),
+        "norm": jaxclip.clip_by_norm(0.0),
+        "value": jaxclip.clip_by_value(0.0),
+    }[name]
+    for grads in ({"a": jnp.array([1.0, -2.0])}, {"a": jnp.zeros(2)}, {"a": jnp.full(2, 1e-30)}):
+        out, stats = _run(name, grads, mode, tx)
+        np.testing.assert_array_equal(out["a"], [0.0, 0.0])
+        assert not bool(jnp.any(jnp.isnan(stats.scale)))

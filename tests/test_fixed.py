@@ -1,0 +1,456 @@
+"""The fixed-threshold clippers, with and without jit (chex variants)."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _helpers import float64_enabled, np_clip_global, np_norm
+
+import jaxclip
+
+
+def _tree(seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return {
+        "w": jnp.asarray(rng.normal(size=(4, 3)) * scale, jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(3,)) * scale, jnp.float32),
+    }
+
+
+class ClipByGlobalNormTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_six_eight_becomes_three_four(self):
+        tx = jaxclip.clip_by_global_norm(5.0)
+        updates, state = self.variant(tx.update)(jnp.array([6.0, 8.0]), tx.init(None))
+        np.testing.assert_array_equal(updates, [3.0, 4.0])
+        assert float(state.norm) == 10.0
+        assert float(state.scale) == 0.5
+        assert bool(state.clipped)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_below_threshold_is_unchanged_bit_for_bit(self):
+        tx = jaxclip.clip_by_global_norm(100.0)
+        grads = _tree(1)
+        updates, state = self.variant(tx.update)(grads, tx.init(None))
+        chex.assert_trees_all_equal(updates, grads)
+        assert not bool(state.clipped)
+        assert float(state.scale) == 1.0
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_numpy_rule_for_each_order(self):
+        grads = _tree(2, scale=3.0)
+        for p in (1, 2, 3, math.inf):
+            tx = jaxclip.clip_by_global_norm(1.5, ord=p)
+            updates, state = self.variant(tx.update)(grads, tx.init(None))
+            expected, norm, _ = np_clip_global(jax.tree.leaves(grads), 1.5, p)
+            for got, want in zip(jax.tree.leaves(updates), expected):
+                np.testing.assert_allclose(got, want, rtol=2e-6)
+            assert float(state.norm) == pytest.approx(norm, rel=2e-6)
+            assert np_norm(jax.tree.leaves(updates), p) == pytest.approx(1.5, rel=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_pytorch_formula_with_eps(self):
+        tx = jaxclip.clip_by_global_norm(1.0, eps=1e-6)
+        updates, _ = self.variant(tx.update)([jnp.array([3.0]), jnp.array([4.0])], tx.init(None))
+        # PyTorch's published float32 results for this case
+        assert np.float32(updates[0][0]) == np.float32(0.5999999046325684)
+        assert np.float32(updates[1][0]) == np.float32(0.7999998331069946)
+        # eps dominates for tiny norms, as in PyTorch
+        tx = jaxclip.clip_by_global_norm(1e-8, eps=1e-6)
+        updates, _ = self.variant(tx.update)(jnp.array([1e-7]), tx.init(None))
+        assert float(updates[0]) == pytest.approx(1e-7 * 1e-8 / (1e-7 + 1e-6), rel=1e-6)
+        # and a norm equal to the threshold is still scaled, by n / (n + eps)
+        tx = jaxclip.clip_by_global_norm(5.0, eps=1e-6)
+        updates, state = self.variant(tx.update)(jnp.array([3.0, 4.0]), tx.init(None))
+        assert bool(state.clipped)
+        assert float(updates[0]) < 3.0
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_min_norm_scales_small_gradients_up_and_leaves_zero(self):
+        tx = jaxclip.clip_by_global_norm(10.0, min_norm=1.0)
+        updates, state = self.variant(tx.update)(jnp.array([0.03, 0.04]), tx.init(None))
+        np.testing.assert_allclose(updates, [0.6, 0.8], rtol=1e-6)
+        assert float(state.scale) == pytest.approx(20.0)
+        updates, state = self.variant(tx.update)(jnp.zeros(2), state)
+        np.testing.assert_array_equal(updates, [0.0, 0.0])
+        assert float(state.scale) == 1.0
+        updates, _ = self.variant(tx.update)(jnp.array([60.0, 80.0]), state)
+        np.testing.assert_allclose(updates, [6.0, 8.0], rtol=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_max_norm_zero_zeroes_without_nan(self):
+        tx = jaxclip.clip_by_global_norm(0.0)
+        updates, _ = self.variant(tx.update)(jnp.array([1.0, -2.0]), tx.init(None))
+        np.testing.assert_array_equal(updates, [0.0, 0.0])
+        updates, state = self.variant(tx.update)(jnp.zeros(2), tx.init(None))
+        np.testing.assert_array_equal(updates, [0.0, 0.0])
+        assert float(state.scale) == 1.0
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_float16_gradients_are_clipped_not_zeroed(self):
+        grads = {"a": jnp.array([300.0], jnp.float16), "b": jnp.array([400.0], jnp.float16)}
+        tx = jaxclip.clip_by_global_norm(1000.0)
+        updates, state = self.variant(tx.update)(grads, tx.init(None))
+        chex.assert_trees_all_equal(updates, grads)  # Optax returns zeros here
+        assert float(state.norm) == 500.0
+        tx = jaxclip.clip_by_global_norm(5.0)
+        updates, _ = self.variant(tx.update)(grads, tx.init(None))
+        assert updates["a"].dtype == jnp.float16
+        np.testing.assert_allclose(updates["a"], [3.0], rtol=1e-3)
+        np.testing.assert_allclose(updates["b"], [4.0], rtol=1e-3)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_huge_float32_gradients_are_clipped_not_zeroed(self):
+        grads = {"a": jnp.array([6e20], jnp.float32), "b": jnp.array([8e20], jnp.float32)}
+        tx = jaxclip.clip_by_global_norm(5.0)
+        updates, state = self.variant(tx.update)(grads, tx.init(None))
+        np.testing.assert_allclose(updates["a"], [3.0], rtol=1e-6)
+        np.testing.assert_allclose(updates["b"], [4.0], rtol=1e-6)
+        assert bool(state.finite)
+        assert float(state.norm) == pytest.approx(1e21, rel=1e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_mixed_dtype_tree_keeps_each_dtype(self):
+        grads = {
+            "h": jnp.array([30.0, 40.0], jnp.float16),
+            "b": jnp.array([0.0, 50.0], jnp.bfloat16),
+            "f": jnp.array([0.0], jnp.float32),
+            "none": None,
+        }
+        for max_norm in (5.0, jnp.float32(5.0), jnp.asarray(5.0, jnp.bfloat16)):
+            tx = jaxclip.clip_by_global_norm(max_norm)
+            updates, state = self.variant(tx.update)(grads, tx.init(None))
+            assert updates["none"] is None
+            for k in ("h", "b", "f"):
+                assert updates[k].dtype == grads[k].dtype
+            norm = math.sqrt(30.0**2 + 40.0**2 + 50.0**2)
+            assert float(state.norm) == pytest.approx(norm, rel=1e-6)
+            s = 5.0 / norm
+            np.testing.assert_allclose(
+                np.asarray(updates["h"], np.float32), [30 * s, 40 * s], rtol=1e-3
+            )
+            np.testing.assert_allclose(np.asarray(updates["b"], np.float32), [0, 50 * s], rtol=1e-2)
+
+    def test_float64_leaves(self):
+        with float64_enabled():
+            grads = {
+                "a": jnp.array([6e200, 8e200], jnp.float64),
+                "b": jnp.array([0.0], jnp.float32),
+            }
+            tx = jaxclip.clip_by_global_norm(5.0)
+            state = tx.init(grads)
+            assert state.norm.dtype == jnp.float64
+            updates, state = jax.jit(tx.update)(grads, state)
+            assert updates["a"].dtype == jnp.float64
+            np.testing.assert_allclose(updates["a"], [3.0, 4.0], rtol=1e-12)
+            assert float(state.norm) == pytest.approx(1e201, rel=1e-12)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_empty_tree_and_none_leaves(self):
+        tx = jaxclip.clip_by_global_norm(1.0)
+        updates, state = self.variant(tx.update)({}, tx.init({}))
+        assert updates == {}
+        assert float(state.norm) == 0.0
+        updates, _ = self.variant(tx.update)({"a": None}, tx.init(None))
+        assert updates == {"a": None}
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_schedule_threshold(self):
+        tx = jaxclip.clip_by_global_norm(lambda step: 1.0 + step)
+        state = tx.init(None)
+        update = self.variant(tx.update)
+        thresholds = []
+        for _ in range(3):
+            _, state = update(jnp.array([30.0, 40.0]), state)
+            thresholds.append(float(state.threshold))
+        assert thresholds == [1.0, 2.0, 3.0]
+
+    def test_counters_accumulate(self):
+        tx = jaxclip.clip_by_global_norm(1.0)
+        state = tx.init(None)
+        update = jax.jit(tx.update)
+        for g in ([0.1], [5.0], [jnp.nan], [0.5], [3.0]):
+            _, state = update(jnp.array(g), state)
+        assert int(state.step) == 5
+        assert int(state.clipped_steps) == 2
+        assert int(state.nonfinite_steps) == 1
+
+
+class InjectHyperparamsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_as_written(self):
+        tx = optax.inject_hyperparams(jaxclip.clip_by_global_norm)(max_norm=2.0)
+        params = {"w": jnp.ones(3, jnp.bfloat16), "v": jnp.ones(2, jnp.float32)}
+        state = tx.init(params)
+        grads = {"w": jnp.full(3, 3.0, jnp.bfloat16), "v": jnp.full(2, 4.0)}
+        updates, state = self.variant(tx.update)(grads, state, params)
+        norm = math.sqrt(3 * 9 + 2 * 16)
+        assert float(jaxclip.get_stats(state).norm) == pytest.approx(norm, rel=1e-6)
+        assert updates["w"].dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(updates["v"]), [4 * 2 / norm] * 2, rtol=1e-6)
+        # change the injected value between steps
+        state.hyperparams["max_norm"] = jnp.asarray(100.0)
+        updates, state = self.variant(tx.update)(grads, state, params)
+        np.testing.assert_array_equal(updates["v"], grads["v"])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_schedule(self):
+        schedule = optax.linear_schedule(1.0, 3.0, transition_steps=2)
+        tx = optax.inject_hyperparams(jaxclip.clip_by_global_norm)(max_norm=schedule)
+        state = tx.init({"w": jnp.ones(2)})
+        seen = []
+        for _ in range(3):
+            updates, state = self.variant(tx.update)({"w": jnp.array([30.0, 40.0])}, state)
+            seen.append(float(jaxclip.global_norm(updates)))
+        np.testing.assert_allclose(seen, [1.0, 2.0, 3.0], rtol=1e-6)
+
+    def test_every_option_injected(self):
+        tx = optax.inject_hyperparams(jaxclip.clip_by_global_norm)(
+            max_norm=2.0, eps=1e-6, min_norm=0.5, nonfinite="skip"
+        )
+        state = tx.init({"w": jnp.ones(2)})
+        updates, state = jax.jit(tx.update)({"w": jnp.array([0.03, 0.04])}, state)
+        np.testing.assert_allclose(updates["w"], [0.3, 0.4], rtol=1e-5)
+        updates, state = jax.jit(tx.update)({"w": jnp.array([jnp.nan, 1.0])}, state)
+        np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
+
+    def test_injected_order_needs_static_args(self):
+        tx = optax.inject_hyperparams(jaxclip.clip_by_global_norm)(max_norm=1.0, ord=1)
+        state = tx.init({"w": jnp.ones(2)})
+        with pytest.raises(ValueError, match="static_args=\\('ord',\\)"):
+            jax.jit(tx.update)({"w": jnp.ones(2)}, state)
+        tx = optax.inject_hyperparams(jaxclip.clip_by_global_norm, static_args=("ord",))(
+            max_norm=1.0, ord=1
+        )
+        state = tx.init({"w": jnp.ones(2)})
+        updates, _ = jax.jit(tx.update)({"w": jnp.array([3.0, 1.0])}, state)
+        np.testing.assert_allclose(updates["w"], [0.75, 0.25], rtol=1e-6)
+
+
+class NonFiniteTest(chex.TestCase):
+    def _grads(self, bad):
+        return {"a": jnp.array([1.0, bad]), "b": jnp.array([2.0, 3.0], jnp.bfloat16)}
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_propagate_matches_optax(self):
+        for bad in (jnp.nan, jnp.inf):
+            grads = self._grads(bad)
+            tx = jaxclip.clip_by_global_norm(1.0, nonfinite="propagate")
+            updates, state = self.variant(tx.update)(grads, tx.init(None))
+            ref, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+            for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(ref)):
+                np.testing.assert_array_equal(
+                    np.asarray(got, np.float32), np.asarray(want, np.float32)
+                )
+            assert not bool(state.finite)
+            assert not bool(state.clipped)
+            assert int(state.nonfinite_steps) == 1
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_skip_returns_zeros(self):
+        tx = jaxclip.clip_by_global_norm(1.0, nonfinite="skip")
+        for bad in (jnp.nan, jnp.inf, -jnp.inf):
+            updates, state = self.variant(tx.update)(self._grads(bad), tx.init(None))
+            for leaf in jax.tree.leaves(updates):
+                np.testing.assert_array_equal(np.asarray(leaf, np.float32), 0.0)
+            assert float(state.scale) == 0.0
+            assert not bool(state.finite)
+        updates, state = self.variant(tx.update)(self._grads(4.0), tx.init(None))
+        assert bool(state.finite)
+        assert float(jaxclip.global_norm(updates)) == pytest.approx(1.0, rel=1e-2)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_zero_clips_the_finite_rest(self):
+        tx = jaxclip.clip_by_global_norm(1.0, nonfinite="zero")
+        for bad in (jnp.nan, jnp.inf):
+            grads = self._grads(bad)
+            updates, state = self.variant(tx.update)(grads, tx.init(None))
+            np.testing.assert_allclose(float(state.norm), math.sqrt(14.0), rtol=1e-6)
+            s = 1.0 / math.sqrt(14.0)
+            np.testing.assert_allclose(updates["a"], [s, 0.0], rtol=1e-6)
+            np.testing.assert_allclose(
+                np.asarray(updates["b"], np.float32), [2 * s, 3 * s], rtol=1e-2
+            )
+            assert not bool(state.finite)
+
+    def test_error_names_the_leaf_eagerly_and_under_jit(self):
+        tx = jaxclip.clip_by_global_norm(1.0, nonfinite="error")
+        grads = {
+            "layer": {"w": jnp.array([1.0, jnp.nan]), "b": jnp.array([jnp.inf])},
+            "ok": jnp.ones(2),
+        }
+        with pytest.raises(
+            FloatingPointError, match=r"\['layer'\]\['b'\] has inf.*\['layer'\]\['w'\] has NaN"
+        ):
+            tx.update(grads, tx.init(None))
+        with pytest.raises(Exception, match=r"\['layer'\]\['w'\] has NaN"):
+            updates, _ = jax.jit(tx.update)(grads, tx.init(None))
+            jax.block_until_ready(updates)
+        # a finite step passes
+        updates, _ = jax.jit(tx.update)({"ok": jnp.array([3.0, 4.0])}, tx.init(None))
+        np.testing.assert_allclose(updates["ok"], [0.6, 0.8], rtol=1e-6)
+
+
+class ValidationTest(chex.TestCase):
+    def test_bad_hyperparameters(self):
+        cases = [
+            (dict(max_norm=-1.0), "max_norm must be >= 0.0, got -1.0"),
+            (dict(max_norm=float("nan")), "max_norm must not be NaN"),
+            (dict(max_norm=float("inf")), "max_norm must be finite"),
+            (dict(max_norm=jnp.array([1.0, 2.0])), "max_norm must be a scalar"),
+            (dict(max_norm=2.0, min_norm=3.0), r"min_norm \(3.0\) must be <= max_norm \(2.0\)"),
+            (dict(max_norm=2.0, min_norm=-1.0), "min_norm must be >= 0.0"),
+            (dict(max_norm=1.0, eps=-1e-6), "eps must be >= 0.0"),
+            (dict(max_norm=1.0, ord=0.5), "ord must be 1, 2, inf"),
+            (dict(max_norm=1.0, ord="fro"), "ord must be 1, 2, inf"),
+            (dict(max_norm=1.0, nonfinite="ignore"), "nonfinite must be one of"),
+        ]
+        for kwargs, message in cases:
+            with self.assertRaisesRegex(ValueError, message):
+                jaxclip.clip_by_global_norm(**kwargs)
+        with self.assertRaisesRegex(ValueError, "max_norm must be >= 0.0, got -1.0"):
+            jaxclip.clip_by_global_norm(jnp.float32(-1.0))
+        with self.assertRaisesRegex(TypeError, "max_norm must be a real number"):
+            jaxclip.clip_by_global_norm("1.0")
+
+    def test_integer_and_bool_leaves_name_their_path(self):
+        tx = jaxclip.clip_by_global_norm(1.0)
+        for bad in (jnp.array([1, 2]), jnp.array([True])):
+            with self.assertRaisesRegex(TypeError, r"leaf \['params'\]\['count'\] has dtype"):
+                tx.update({"params": {"w": jnp.ones(2), "count": bad}}, tx.init(None))
+
+    def test_float0_leaves_pass_through(self):
+        grads = jax.grad(lambda p: p["w"].sum() * 5.0, allow_int=True)(
+            {"w": jnp.ones(2), "step": jnp.array(3)}
+        )
+        tx = jaxclip.clip_by_global_norm(1.0)
+        updates, state = jax.jit(tx.update)(grads, tx.init(None))
+        assert updates["step"].dtype == jax.dtypes.float0
+        assert float(state.norm) == pytest.approx(math.sqrt(50.0))
+
+
+class ClipByNormTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_each_leaf_on_its_own(self):
+        grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.5]), "c": jnp.array([[6.0], [8.0]])}
+        tx = jaxclip.clip_by_norm(1.0)
+        updates, state = self.variant(tx.update)(grads, tx.init(None))
+        np.testing.assert_allclose(updates["a"], [0.6, 0.8], rtol=1e-6)
+        np.testing.assert_array_equal(updates["b"], [0.5])
+        np.testing.assert_allclose(updates["c"], [[0.6], [0.8]], rtol=1e-6)
+        assert float(state.norm) == 10.0
+        assert float(state.scale) == pytest.approx(0.1)
+        assert float(state.extra["clipped_fraction"]) == pytest.approx(2 / 3)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_along_axes_like_tf_clip_by_norm(self):
+        rng = np.random.default_rng(0)
+        kernel = jnp.asarray(rng.normal(size=(5, 4)) * 2, jnp.float32)
+        tx = jaxclip.clip_by_norm(1.5, axis=0)
+        updates, state = self.variant(tx.update)({"k": kernel}, tx.init(None))
+        k = np.asarray(kernel, np.float64)
+        norms = np.sqrt((k**2).sum(axis=0, keepdims=True))
+        expected = k * 1.5 / np.maximum(norms, 1.5)  # tf.clip_by_norm's formula
+        np.testing.assert_allclose(updates["k"], expected, rtol=2e-6)
+        assert float(state.norm) == pytest.approx(norms.max(), rel=1e-6)
+        frac = float(np.mean(norms > 1.5))
+        assert float(state.extra["clipped_fraction"]) == pytest.approx(frac)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_conv_units_and_other_orders(self):
+        rng = np.random.default_rng(1)
+        conv = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
+        for p in (1, 3, math.inf):
+            tx = jaxclip.clip_by_norm(1.0, ord=p, axis=(0, 1, 2))
+            updates, _ = self.variant(tx.update)(conv, tx.init(None))
+            for j in range(4):
+                n = np_norm([conv[..., j]], p)
+                want = np.asarray(conv[..., j], np.float64) * min(1.0, 1.0 / n)
+                np.testing.assert_allclose(updates[..., j], want, rtol=2e-6)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_nonfinite_policies(self):
+        grads = {"a": jnp.array([3.0, jnp.nan]), "b": jnp.array([6.0, 8.0])}
+        tx = jaxclip.clip_by_norm(5.0)
+        updates, state = self.variant(tx.update)(grads, tx.init(None))
+        assert bool(jnp.all(jnp.isnan(updates["a"])))
+        np.testing.assert_allclose(updates["b"], [3.0, 4.0])
+        assert not bool(state.finite)
+        tx = jaxclip.clip_by_norm(5.0, nonfinite="skip")
+        updates, _ = self.variant(tx.update)(grads, tx.init(None))
+        assert float(jnp.abs(updates["a"]).sum() + jnp.abs(updates["b"]).sum()) == 0.0
+        tx = jaxclip.clip_by_norm(1.0, nonfinite="zero")
+        updates, _ = self.variant(tx.update)(grads, tx.init(None))
+        np.testing.assert_allclose(updates["a"], [1.0, 0.0])
+        np.testing.assert_allclose(updates["b"], [0.6, 0.8], rtol=1e-6)
+
+    def test_bad_arguments(self):
+        with pytest.raises(ValueError, match=r"max_norm must be >= 0\.0"):
+            jaxclip.clip_by_norm(-1.0)
+        with pytest.raises(ValueError, match="axis must be an int"):
+            jaxclip.clip_by_norm(1.0, axis="rows")
+        with pytest.raises(ValueError, match="axis has repeated entries"):
+            jaxclip.clip_by_norm(1.0, axis=(0, 0))
+        tx = jaxclip.clip_by_norm(1.0, axis=1)
+        with pytest.raises(ValueError, match=r"\['bias'\]"):
+            tx.update({"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, tx.init(None))
+
+
+class ClipByValueTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_symmetric_and_asymmetric(self):
+        g = jnp.array([-3.0, -0.2, 0.3, 7.0])
+        tx = jaxclip.clip_by_value(0.5)
+        updates, state = self.variant(tx.update)(g, tx.init(None))
+        np.testing.assert_allclose(updates, [-0.5, -0.2, 0.3, 0.5])
+        assert float(state.extra["clipped_fraction"]) == 0.5
+        assert float(state.norm) == pytest.approx(np_norm([g]))
+        assert float(state.scale) == pytest.approx(np_norm([updates]) / np_norm([g]), rel=1e-6)
+        assert float(state.threshold) == 0.5
+        tx = jaxclip.clip_by_value(2.0, min_value=-1.0)
+        updates, state = self.variant(tx.update)(g, tx.init(None))
+        np.testing.assert_allclose(updates, [-1.0, -0.2, 0.3, 2.0])
+        assert bool(state.clipped)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_pytree_bounds(self):
+        grads = {
+            "w": jnp.array([[5.0, -5.0], [0.1, 2.0]]),
+            "b": jnp.array([-9.0, 9.0], jnp.bfloat16),
+        }
+        hi = {"w": jnp.array([1.0, 3.0]), "b": 2.0}
+        lo = {"w": -1.0, "b": jnp.array([-4.0, 0.0])}
+        tx = jaxclip.clip_by_value(hi, min_value=lo)
+        updates, _ = self.variant(tx.update)(grads, tx.init(None))
+        np.testing.assert_allclose(updates["w"], [[1.0, -1.0], [0.1, 2.0]])
+        np.testing.assert_allclose(np.asarray(updates["b"], np.float32), [-4.0, 2.0])
+        assert updates["b"].dtype == jnp.bfloat16
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_one_sided_and_nonfinite(self):
+        tx = jaxclip.clip_by_value(jnp.inf, min_value=-1.0)
+        g = jnp.array([-jnp.inf, -3.0, 1e30, jnp.nan])
+        updates, state = self.variant(tx.update)(g, tx.init(None))
+        np.testing.assert_array_equal(updates[:3], np.float32([-1.0, -1.0, 1e30]))
+        assert bool(jnp.isnan(updates[3]))
+        assert not bool(state.finite)
+
+    def test_bad_bounds(self):
+        with pytest.raises(ValueError, match="max_value must be >= 0 when min_value is None"):
+            jaxclip.clip_by_value(-0.5)
+        with pytest.raises(ValueError, match="min_value must be <= max_value"):
+            jaxclip.clip_by_value(1.0, min_value=2.0)
+        with pytest.raises(ValueError, match="must not be NaN"):
+            jaxclip.clip_by_value(float("nan"))
+        with pytest.raises(ValueError, match=r"min_value must be <= max_value"):
+            jaxclip.clip_by_value({"a": 1.0, "b": 0.0}, min_value={"a": 0.0, "b": 1.0})
+        tx = jaxclip.clip_by_value({"a": 1.0})
+        with pytest.raises(ValueError, match="does not match the gradients' structure"):
+            tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, tx.init(None))
+        tx = jaxclip.clip_by_value({"a": jnp.ones(3)})
+        with pytest.raises(ValueError, match=r"\['a'\] has shape \(3,\)"):
+            tx.update({"a": jnp.ones(2)}, tx.init(None))

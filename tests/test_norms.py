@@ -1,0 +1,226 @@
+"""Robust norms: values against a float64 NumPy reference, range rescue, gradients."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _helpers import float64_enabled, np_norm
+
+import jaxclip
+from jaxclip import _norms
+
+ORDS = [1, 2, 3, 2.5, math.inf]
+
+
+def _random_tree(seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return {
+        "dense": {"kernel": rng.normal(size=(7, 5)) * scale, "bias": rng.normal(size=(5,)) * scale},
+        "conv": rng.normal(size=(3, 3, 2, 4)) * scale,
+        "scalar": np.array(rng.normal() * scale),
+    }
+
+
+def _as(tree, dtype):
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+
+
+@pytest.mark.parametrize("p", ORDS)
+@pytest.mark.parametrize("scale", [1e-30, 1e-12, 1.0, 1e12, 1e30])
+def test_global_norm_matches_float64_reference(p, scale):
+    raw = _random_tree(0, scale=scale)
+    tree = _as(raw, jnp.float32)
+    expected = np_norm(jax.tree.leaves(tree), p)  # of the float32 values themselves
+    got = float(jaxclip.global_norm(tree, ord=p))
+    assert got == pytest.approx(expected, rel=2e-6)
+
+
+@pytest.mark.parametrize("p", ORDS)
+def test_jit_equals_eager(p):
+    tree = _as(_random_tree(1), jnp.float32)
+    eager = jaxclip.global_norm(tree, ord=p)
+    jitted = jax.jit(lambda t: jaxclip.global_norm(t, ord=p))(tree)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-6)
+
+
+def test_float16_does_not_overflow():
+    grads = {"a": jnp.array([300.0], jnp.float16), "b": jnp.array([400.0], jnp.float16)}
+    assert float(optax.tree.norm(grads)) == math.inf  # the defect this avoids
+    norm = jaxclip.global_norm(grads)
+    assert norm.dtype == jnp.float32
+    assert float(norm) == 500.0
+
+
+def test_float32_overflow_is_rescued():
+    grads = {"a": jnp.array([1e20], jnp.float32), "b": jnp.array([1e20], jnp.float32)}
+    assert float(jaxclip.global_norm(grads)) == pytest.approx(math.sqrt(2) * 1e20, rel=1e-6)
+    four = [jnp.full((4,), 1e20, jnp.float32)]
+    assert float(jaxclip.global_norm(four)) == pytest.approx(2e20, rel=1e-6)
+
+
+@pytest.mark.parametrize("p", [2, 3, 2.5])
+def test_float32_underflow_is_rescued(p):
+    tiny = [jnp.full((4,), 1e-30, jnp.float32)]
+    got = float(jaxclip.global_norm(tiny, ord=p))
+    assert got > 0
+    assert got == pytest.approx(4 ** (1 / p) * 1e-30, rel=1e-6)
+
+
+def test_mixed_magnitudes_are_exact():
+    tree = [jnp.array([1e20, 3e19]), jnp.array([1e-30, 4e19])]
+    assert float(jaxclip.global_norm(tree)) == pytest.approx(
+        np_norm(jax.tree.leaves(tree)), rel=1e-6
+    )
+
+
+def test_bfloat16_many_leaves_keeps_precision():
+    leaves = [jnp.asarray([math.sqrt(0.1)], jnp.bfloat16) for _ in range(2000)]
+    expected = np_norm(leaves)  # of the bfloat16 values
+    assert expected == pytest.approx(14.15, abs=0.01)
+    assert float(jaxclip.global_norm(leaves)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_mixed_dtypes_accumulate_in_float32():
+    tree = {
+        "h": jnp.array([3.0, 250.0], jnp.float16),
+        "b": jnp.array([1e30], jnp.bfloat16),
+        "f": jnp.array([4.0], jnp.float32),
+    }
+    norm = jaxclip.global_norm(tree)
+    assert norm.dtype == jnp.float32
+    assert float(norm) == pytest.approx(np_norm(jax.tree.leaves(tree)), rel=1e-6)
+
+
+def test_float64_accumulates_in_float64():
+    with float64_enabled():
+        tree = [jnp.array([1e200, 1e200], jnp.float64), jnp.array([1.0], jnp.float32)]
+        norm = jaxclip.global_norm(tree)
+        assert norm.dtype == jnp.float64
+        assert float(norm) == pytest.approx(math.sqrt(2) * 1e200, rel=1e-12)
+        small = [jnp.array([1e-200, 1e-200], jnp.float64)]
+        assert float(jaxclip.global_norm(small)) == pytest.approx(math.sqrt(2) * 1e-200, rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+@pytest.mark.parametrize("p", ORDS)
+def test_nonfinite_elements_give_nonfinite_norm(bad, p):
+    tree = [jnp.array([1.0, bad]), jnp.array([2.0])]
+    norm = float(jaxclip.global_norm(tree, ord=p))
+    if math.isnan(bad):
+        assert math.isnan(norm)
+    else:
+        assert norm == math.inf
+
+
+@pytest.mark.parametrize("p", ORDS)
+def test_sanitized_norm_ignores_nonfinite_elements(p):
+    leaves = [jnp.array([3.0, jnp.nan]), jnp.array([jnp.inf, 4.0])]
+    norm, finite = _norms.global_norm_and_finite(leaves, float(p), sanitize=True)
+    assert not bool(finite)
+    assert float(norm) == pytest.approx(np_norm([[3.0], [4.0]], p), rel=1e-6)
+
+
+def test_empty_and_none_trees():
+    assert float(jaxclip.global_norm({})) == 0.0
+    assert float(jaxclip.global_norm({"a": None, "b": jnp.array([3.0, 4.0])})) == 5.0
+    assert float(jaxclip.global_norm([jnp.zeros((0, 3))])) == 0.0
+
+
+def test_integer_leaf_is_refused_with_its_path():
+    with pytest.raises(TypeError, match=r"\['layer'\]\['step'\].*int32"):
+        jaxclip.global_norm({"layer": {"w": jnp.ones(2), "step": jnp.array(3)}})
+
+
+@pytest.mark.parametrize("bad", [0.5, 0, -1, "fro", "nuc", float("nan")])
+def test_bad_ord_is_refused(bad):
+    with pytest.raises(ValueError, match="ord"):
+        jaxclip.global_norm([jnp.ones(2)], ord=bad)
+
+
+@pytest.mark.parametrize("p", ORDS)
+def test_gradient_is_finite_at_zero(p):
+    grad = jax.grad(lambda t: jaxclip.global_norm(t, ord=p))([jnp.zeros(3), jnp.zeros(2)])
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grad)
+
+
+def test_gradient_matches_the_analytic_one():
+    x = jnp.array([3.0, -4.0])
+    np.testing.assert_allclose(jax.grad(jaxclip.global_norm)(x), [0.6, -0.8], rtol=1e-6)
+    # through the rescue branch, too
+    big = jnp.array([3e20, -4e20])
+    np.testing.assert_allclose(jax.grad(jaxclip.global_norm)(big), [0.6, -0.8], rtol=1e-6)
+
+
+def test_common_case_is_one_reduction_per_leaf():
+    """The rescue runs in a cond branch: outside it, one sum per leaf, no max."""
+    tree = [jnp.ones((4, 4)), jnp.ones(3), jnp.ones(())]
+    jaxpr = jax.make_jaxpr(jaxclip.global_norm)(tree).jaxpr
+    top = [eqn.primitive.name for eqn in jaxpr.eqns]
+    assert top.count("reduce_sum") == 3
+    assert "reduce_max" not in top
+    assert top.count("cond") == 1
+
+
+# -- per-leaf and per-slice norms ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", ORDS)
+def test_leaf_norms(p):
+    tree = _as(_random_tree(2), jnp.float32)
+    norms = jaxclip.leaf_norms(tree, ord=p)
+    for got, leaf in zip(jax.tree.leaves(norms), jax.tree.leaves(tree)):
+        assert got.shape == ()
+        assert float(got) == pytest.approx(np_norm([leaf], p), rel=2e-6)
+
+
+@pytest.mark.parametrize("p", ORDS)
+def test_norms_along_axes(p):
+    rng = np.random.default_rng(3)
+    kernel = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+    conv = jnp.asarray(rng.normal(size=(3, 3, 2, 5)), jnp.float32)
+    cols = jaxclip.leaf_norms({"k": kernel}, ord=p, axis=0)["k"]
+    np.testing.assert_allclose(cols, [np_norm([kernel[:, j]], p) for j in range(4)], rtol=2e-6)
+    units = jaxclip.leaf_norms(conv, ord=p, axis=(0, 1, 2), keepdims=True)
+    assert units.shape == (1, 1, 1, 5)
+    expected = [np_norm([conv[..., j]], p) for j in range(5)]
+    np.testing.assert_allclose(units.ravel(), expected, rtol=2e-6)
+    rows = jaxclip.leaf_norms(kernel, ord=p, axis=-1)
+    np.testing.assert_allclose(rows, [np_norm([kernel[i]], p) for i in range(6)], rtol=2e-6)
+
+
+def test_slice_norms_rescue_each_slice():
+    x = jnp.array([[1e20, 1e-30], [1e20, 1e-30], [0.0, 0.0]], jnp.float32)
+    cols = jaxclip.leaf_norms(x, axis=0)
+    np.testing.assert_allclose(cols, [math.sqrt(2) * 1e20, math.sqrt(2) * 1e-30], rtol=1e-6)
+    rows = jaxclip.leaf_norms(x, axis=1)
+    np.testing.assert_allclose(rows, [1e20, 1e20, 0.0], rtol=1e-6)
+
+
+def test_axis_that_a_leaf_lacks_names_the_leaf():
+    with pytest.raises(ValueError, match=r"\['bias'\].*shape \(3,\)"):
+        jaxclip.leaf_norms({"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}, axis=1)
+
+
+@pytest.mark.parametrize("p", [2, 3, math.inf])
+def test_many_small_leaves_are_grouped_without_changing_results(p):
+    rng = np.random.default_rng(4)
+    tree = {
+        f"l{i}": jnp.asarray(rng.normal(size=(3, 2)) * 10.0 ** rng.uniform(-20, 20), dtype)
+        for i, dtype in enumerate([jnp.float32, jnp.bfloat16] * 15)
+    }
+    tree["big"] = jnp.asarray(rng.normal(size=(130, 130)), jnp.float32)
+    tree["f16"] = [jnp.asarray([300.0 + i], jnp.float16) for i in range(20)]
+    leaves = jax.tree.leaves(tree)
+    assert float(jaxclip.global_norm(tree, ord=p)) == pytest.approx(np_norm(leaves, p), rel=2e-6)
+    norms = jax.tree.leaves(jaxclip.leaf_norms(tree, ord=p))
+    np.testing.assert_allclose(norms, [np_norm([x], p) for x in leaves], rtol=2e-6)
+    matrices = {k: v for k, v in tree.items() if k != "f16"}
+    cols = jax.tree.leaves(jaxclip.leaf_norms(matrices, p, 0))
+    expected = [
+        [np_norm([x[:, j]], p) for j in range(x.shape[1])] for x in jax.tree.leaves(matrices)
+    ]
+    for got, want in zip(cols, expected):
+        np.testing.assert_allclose(got, want, rtol=2e-6)
