@@ -11,18 +11,41 @@ and records what it did in a :class:`ClipStats`::
 """
 
 from jaxclip._norms import global_norm, leaf_norms
+from jaxclip._rules import AutoClipState, QuantileState, ZClipState
 from jaxclip._stats import ClipStats, get_stats, stats_dict
+from jaxclip.adaptive import (
+    AdaGCState,
+    AdaptiveClipState,
+    adagc,
+    autoclip,
+    quantile_clip,
+    zclip,
+)
+from jaxclip.agc import agc
 from jaxclip.fixed import clip_by_global_norm, clip_by_norm, clip_by_value
+from jaxclip.guards import SkipOnSpikeState, skip_on_spike
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGCState",
+    "AdaptiveClipState",
+    "AutoClipState",
     "ClipStats",
+    "QuantileState",
+    "SkipOnSpikeState",
+    "ZClipState",
+    "adagc",
+    "agc",
+    "autoclip",
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",
     "get_stats",
     "global_norm",
     "leaf_norms",
+    "quantile_clip",
+    "skip_on_spike",
     "stats_dict",
+    "zclip",
 ]

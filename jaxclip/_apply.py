@@ -32,15 +32,18 @@ def scale_for(
     *,
     eps: Any = 0.0,
     min_norm: Any = None,
+    eps_in_condition: bool = True,
 ) -> Array:
     """The factor that brings ``norm`` down to ``threshold`` (or up to ``min_norm``).
 
     With ``eps == 0``: ``threshold / norm`` when ``norm > threshold``, else 1.
     With ``eps > 0`` (PyTorch's ``clip_grad_norm_``): ``min(1, threshold *
     (1 / (norm + eps)))``, computed as PyTorch computes it so that float32
-    results agree bit for bit. A NaN norm gives a NaN scale and an infinite
-    norm a zero scale, as in Optax and PyTorch; the non-finite policies decide
-    what happens next. ``norm == threshold == 0`` gives 1, never NaN.
+    results agree bit for bit; with ``eps_in_condition=False`` that factor is
+    applied only when ``norm > threshold`` (ZClip, AdaGC). A NaN norm gives a
+    NaN scale and an infinite norm a zero scale, as in Optax and PyTorch; the
+    non-finite policies decide what happens next. ``norm == threshold == 0``
+    gives 1, never NaN.
     """
     dtype = norm.dtype
     threshold = jnp.asarray(threshold, dtype)
@@ -54,7 +57,8 @@ def scale_for(
         torch_like = threshold * lax.reciprocal(norm + eps_arr)
         if eps_value is None:  # traced eps: choose at run time
             torch_like = jnp.where(eps_arr > 0, torch_like, plain)
-        coef, over = torch_like, norm + eps_arr > threshold
+        coef = torch_like
+        over = (norm + eps_arr if eps_in_condition else norm) > threshold
     scale = jnp.where(over, jnp.minimum(coef, 1), jnp.ones_like(norm))
     if min_norm is not None:
         lower = jnp.asarray(min_norm, dtype)

@@ -156,6 +156,31 @@ def check_axis(owner: str, axis: Any) -> tuple[int, ...] | None:
     return tuple(out)
 
 
+def path_name(path: Sequence[Any]) -> str:
+    """A pytree path as slash-separated keys, e.g. ``layers/0/kernel``."""
+    parts = []
+    for key in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def check_static_int(owner: str, name: str, value: Any, minimum: int) -> int:
+    """A Python int that fixes an array shape (it cannot be traced or injected)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(
+            f"{owner}: {name} fixes the shape of the state, so it must be a Python int, got "
+            f"{_describe(value)}. Under optax.inject_hyperparams pass static_args=('{name}',)."
+        )
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}.")
+    return int(value)
+
+
 def path_str(path: Sequence[Any]) -> str:
     """A readable pytree path such as ``['dense']['kernel']`` (``<root>`` if empty)."""
     s = jax.tree_util.keystr(tuple(path))

@@ -174,9 +174,7 @@ def global_norm_and_finite(
 
     if p not in (1, 2):
         per_leaf = slice_norms(leaves, p, [None] * len(leaves), sanitize=sanitize)
-        norm = _combine_norms(
-            jnp.concatenate([jnp.ravel(n).astype(acc) for n in per_leaf.norms]), p
-        )
+        norm = combine_norms([n.astype(acc) for n in per_leaf.norms], p)
         return norm, all_true(per_leaf.finite) & jnp.isfinite(norm)
 
     total = sum(jnp.sum(_power(x, p, False)).astype(acc) for x in leaves)
@@ -204,6 +202,17 @@ def global_norm_and_finite(
 def all_true(flags: Sequence[Array]) -> Array:
     """Whether every element of every array in ``flags`` is True (True if empty)."""
     return jnp.all(jnp.stack([jnp.all(f) for f in flags])) if flags else jnp.array(True)
+
+
+def combine_norms(norms: Sequence[Array], p: float) -> Array:
+    """The p-norm of all the values in ``norms`` (norms of disjoint parts of a tree)."""
+    flat = [jnp.ravel(n) for n in norms if n.size]
+    if not flat:
+        return jnp.zeros((), norms[0].dtype if norms else jnp.float32)
+    n = jnp.concatenate(flat)
+    if p == math.inf:
+        return jnp.max(n)
+    return _combine_norms(n, p)
 
 
 def _combine_norms(n: Array, p: float) -> Array:
@@ -274,7 +283,10 @@ def slice_norms(
 def _stack_alike(
     leaves: Sequence[Array], axes: Sequence[tuple[int, ...] | None]
 ) -> tuple[list[Array], list[tuple[int, ...] | None], Any]:
-    """Stacks small leaves of equal shape, dtype and axes, to reduce them as one.
+    """Stacks small leaves of equal shape, accumulation dtype and axes, to reduce as one.
+
+    The grouping depends only on those, so two trees of equal shapes (say,
+    gradients and parameters) give work arrays of equal shapes.
 
     Returns the arrays to reduce, their axes, and ``split``, which maps results
     on those arrays back to one result per input leaf.
@@ -282,7 +294,7 @@ def _stack_alike(
     groups: dict[Any, list[int]] = {}
     for i, (x, a) in enumerate(zip(leaves, axes)):
         if 0 < x.size <= _PACK_LIMIT:
-            groups.setdefault((x.shape, x.dtype, a), []).append(i)
+            groups.setdefault((x.shape, _acc(x), a), []).append(i)
     groups = {k: idx for k, idx in groups.items() if len(idx) > 1}
     if sum(len(idx) for idx in groups.values()) < _PACK_COUNT:
         return list(leaves), list(axes), lambda results: list(results)

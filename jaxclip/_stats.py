@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxclip import _checks
+
 Array = jax.Array
 
 
@@ -21,14 +23,17 @@ class ClipStats(NamedTuple):
     Hugging Face Trainer logs as ``grad_norm``); the norm after clipping is
     ``norm * scale`` for the global-norm clippers.
 
-    For clippers that act per leaf or per slice, ``norm`` is the largest norm
-    among them, ``scale`` the smallest factor applied, and ``extra`` holds the
-    fraction of units clipped.
+    ``norm`` is always the global norm of the whole gradient, in the
+    transform's ``ord``, and ``scale`` the ratio of the global norm after
+    clipping to the one before: the factor applied to every element for the
+    global-norm clippers. Clippers that act per leaf or per unit add the
+    fraction of units clipped and the largest unit norm to ``extra``; adaptive
+    ones add their rule's statistics.
     """
 
-    norm: Array  # float32[] (float64 for float64 params): pre-clip norm
+    norm: Array  # float32[] (float64 for float64 params): pre-clip global norm
     threshold: Array  # float32[]: the threshold in force at this step
-    scale: Array  # float32[]: factor applied to the gradient (1: unchanged)
+    scale: Array  # float32[]: global norm after / before clipping (1: unchanged)
     clipped: Array  # bool[]: the gradient was rescaled at this step
     finite: Array  # bool[]: the pre-clip gradient was finite
     step: Array  # int32[]: updates seen
@@ -119,22 +124,11 @@ def next_stats(
     )
 
 
-def _key_name(key: Any) -> str:
-    for attr in ("name", "key", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _path_name(path: Any) -> str:
-    return "/".join(_key_name(k) for k in path)
-
-
 def _find(opt_state: Any) -> list[tuple[str, ClipStats]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(
         opt_state, is_leaf=lambda node: isinstance(node, ClipStats)
     )
-    return [(_path_name(path), node) for path, node in flat if isinstance(node, ClipStats)]
+    return [(_checks.path_name(path), node) for path, node in flat if isinstance(node, ClipStats)]
 
 
 def get_stats(opt_state: Any) -> ClipStats | dict[str, ClipStats]:

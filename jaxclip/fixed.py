@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxclip import _apply, _checks, _global, _norms
+from jaxclip import _apply, _checks, _clip, _norms
 from jaxclip._stats import ClipStats, initial_stats, next_stats
 
 Array = jax.Array
@@ -92,19 +92,18 @@ def clip_by_global_norm(
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
 
     def init_fn(params: Any) -> ClipStats:
-        dtype = _global.stats_dtype(params)
-        return initial_stats(dtype, _global.initial_threshold(max_norm, dtype))
+        dtype = _clip.stats_dtype(params)
+        return initial_stats(dtype, _clip.initial_threshold(max_norm, dtype))
 
     def update_fn(updates: Any, state: ClipStats, params: Any = None) -> tuple[Any, ClipStats]:
         del params
-        measured = _global.measure(owner, updates, p, policy)
+        measured = _clip.measure(owner, updates, p, policy)
         threshold = _apply.as_threshold(max_norm, state.step, measured.norm.dtype)
         lower = None
         if min_norm is not None:
             lower = _apply.as_threshold(min_norm, state.step, measured.norm.dtype)
-        out = _global.rescale(
-            owner, updates, measured, threshold, eps=eps, min_norm=lower, policy=policy
-        )
+        scale = _apply.scale_for(measured.norm, threshold, eps=eps, min_norm=lower)
+        out = _clip.rescale(owner, updates, measured, scale, policy)
         stats = next_stats(
             state,
             norm=measured.norm,
@@ -144,9 +143,10 @@ def clip_by_norm(
         the leaves. See :func:`clip_by_global_norm`.
 
     Returns:
-      An ``optax.GradientTransformation``; its :class:`~jaxclip.ClipStats`
-      reports the largest pre-clip norm, the smallest scale, and
-      ``extra["clipped_fraction"]``, the fraction of leaves (or slices) clipped.
+      An ``optax.GradientTransformation``. Its :class:`~jaxclip.ClipStats`
+      holds the global pre-clip norm, ``scale`` = global norm after / before,
+      ``extra["clipped_fraction"]`` (the fraction of leaves, or slices, clipped)
+      and ``extra["max_unit_norm"]`` (the largest leaf or slice norm).
 
     Example:
       >>> import jax.numpy as jnp, jaxclip
@@ -166,46 +166,34 @@ def clip_by_norm(
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
 
     def init_fn(params: Any) -> ClipStats:
-        dtype = _global.stats_dtype(params)
+        dtype = _clip.stats_dtype(params)
         return initial_stats(
             dtype,
-            _global.initial_threshold(max_norm, dtype),
-            extra={"clipped_fraction": jnp.zeros((), dtype)},
+            _clip.initial_threshold(max_norm, dtype),
+            extra={"clipped_fraction": jnp.zeros((), dtype), "max_unit_norm": jnp.zeros((), dtype)},
         )
 
     def update_fn(updates: Any, state: ClipStats, params: Any = None) -> tuple[Any, ClipStats]:
         del params
         flat = _checks.float_leaves(updates, owner)
-        paths = [path for path, _ in flat]
-        leaves = [x for _, x in flat]
+        paths, leaves = [q for q, _ in flat], [x for _, x in flat]
         axes = _norms.normalize_axes(owner, paths, leaves, axis_t)
-        measured = _norms.slice_norms(leaves, p, axes, sanitize=policy == "zero")
-        dtype = _norms.accumulation_dtype([x.dtype for x in leaves])
-        threshold = _apply.as_threshold(max_norm, state.step, dtype)
-        step_finite = _norms.all_true(measured.finite)
-        if policy == "error":
-            _apply.raise_if_nonfinite(owner, paths, leaves, step_finite)
-
-        # scales on the (few) work arrays, then one per leaf
-        scales = [_apply.scale_for(n, threshold) for n in measured.norms]
-        new_leaves = [
-            _apply.apply_policy(x, s, step_finite, policy)
-            for x, s in zip(leaves, measured.split(scales))
-        ]
-        new_updates = _checks.replace_leaves(updates, paths, new_leaves)
-        chex.assert_trees_all_equal_shapes_and_dtypes(new_updates, updates)
-
-        reported = [_apply.reported_scale(s, step_finite, policy) for s in scales]
-        units = sum(s.size for s in scales)
-        n_clipped = sum(jnp.sum((s != 1) & f) for s, f in zip(scales, measured.finite))
+        units = _clip.measure_units(paths, leaves, p, axes, policy)
+        threshold = _apply.as_threshold(max_norm, state.step, state.norm.dtype)
+        scales = [_apply.scale_for(n, threshold.astype(n.dtype)) for n in units.norms]
+        new_updates = _clip.rescale_units(owner, updates, units, scales, policy)
+        summary = _clip.summarize_units(units, scales, p, policy)
         stats = next_stats(
             state,
-            norm=_reduce(jnp.max, measured.norms, dtype, 0.0),
+            norm=summary.norm,
             threshold=threshold,
-            scale=_reduce(jnp.min, reported, dtype, 1.0),
-            clipped=step_finite & (n_clipped > 0),
-            finite=step_finite,
-            extra={"clipped_fraction": n_clipped / max(units, 1)},
+            scale=summary.scale,
+            clipped=summary.clipped,
+            finite=units.step_finite,
+            extra={
+                "clipped_fraction": summary.clipped_fraction,
+                "max_unit_norm": summary.max_unit_norm,
+            },
         )
         return new_updates, stats
 
@@ -262,7 +250,7 @@ def clip_by_value(
     _check_bounds(owner, max_value, min_value)
 
     def init_fn(params: Any) -> ClipStats:
-        dtype = _global.stats_dtype(params)
+        dtype = _clip.stats_dtype(params)
         return initial_stats(dtype, extra={"clipped_fraction": jnp.zeros((), dtype)})
 
     def update_fn(updates: Any, state: ClipStats, params: Any = None) -> tuple[Any, ClipStats]:

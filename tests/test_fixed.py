@@ -342,8 +342,10 @@ class ClipByNormTest(chex.TestCase):
         np.testing.assert_allclose(updates["a"], [0.6, 0.8], rtol=1e-6)
         np.testing.assert_array_equal(updates["b"], [0.5])
         np.testing.assert_allclose(updates["c"], [[0.6], [0.8]], rtol=1e-6)
-        assert float(state.norm) == 10.0
-        assert float(state.scale) == pytest.approx(0.1)
+        assert float(state.norm) == pytest.approx(math.sqrt(25 + 0.25 + 100))
+        assert float(state.extra["max_unit_norm"]) == 10.0
+        after = math.sqrt(1 + 0.25 + 1)
+        assert float(state.scale) == pytest.approx(after / math.sqrt(125.25))
         assert float(state.extra["clipped_fraction"]) == pytest.approx(2 / 3)
 
     @chex.variants(with_jit=True, without_jit=True)
@@ -356,7 +358,9 @@ class ClipByNormTest(chex.TestCase):
         norms = np.sqrt((k**2).sum(axis=0, keepdims=True))
         expected = k * 1.5 / np.maximum(norms, 1.5)  # tf.clip_by_norm's formula
         np.testing.assert_allclose(updates["k"], expected, rtol=2e-6)
-        assert float(state.norm) == pytest.approx(norms.max(), rel=1e-6)
+        assert float(state.norm) == pytest.approx(np_norm([k]), rel=1e-6)
+        assert float(state.extra["max_unit_norm"]) == pytest.approx(norms.max(), rel=1e-6)
+        assert float(state.scale) == pytest.approx(np_norm([expected]) / np_norm([k]), rel=1e-6)
         frac = float(np.mean(norms > 1.5))
         assert float(state.extra["clipped_fraction"]) == pytest.approx(frac)
 

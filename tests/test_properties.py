@@ -72,7 +72,8 @@ def _check_global_clip(tree, ratio, jit):
     # the recorded norm is right
     assert float(stats.norm) == pytest.approx(norm, rel=1e-5, abs=1e-37)
     # clipped norm <= threshold (up to rounding to the leaf dtype)
-    assert np_norm(jax.tree.leaves(out)) <= max_norm * (1 + 2 * u) + 4 * _tiny(tree)
+    # rounding: the norm and scale in float32 (a few units), the product in the leaf dtype
+    assert np_norm(jax.tree.leaves(out)) <= max_norm * (1 + 2 * u + 2.0**-21) + 4 * _tiny(tree)
     if norm <= max_norm:
         # unchanged below the threshold, bit for bit
         for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree)):

@@ -110,7 +110,8 @@ def test_to_dict_is_flat_floats():
     assert d["clip/clipped"] == 1.0 and d["clip/finite"] == 1.0
     assert d["clip/step"] == 1.0
     assert d["clip/extra/clipped_fraction"] == 1.0
-    assert d["clip/norm"] == pytest.approx(6.0)
+    assert d["clip/norm"] == pytest.approx(NORM)
+    assert d["clip/extra/max_unit_norm"] == pytest.approx(6.0)
 
 
 def test_to_dict_of_a_state_batched_over_seeds():

@@ -1,0 +1,142 @@
+"""The shared machinery of the clippers: measure, rescale, summarize.
+
+A clipper differs from another only in how it picks its threshold. For global
+norms :func:`measure` and :func:`rescale` do the rest; for per-leaf or
+per-unit norms :func:`measure_units`, :func:`rescale_units` and
+:func:`summarize_units`. Every clipper thus has the same numerics, non-finite
+policies and statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from jaxclip import _apply, _checks, _norms
+
+Array = jax.Array
+
+
+class Measured(NamedTuple):
+    """A gradient and its global norm."""
+
+    paths: list[Any]
+    leaves: list[Array]
+    norm: Array  # accumulation dtype []: the pre-clip norm
+    finite: Array  # bool[]: every element finite and the norm in range
+
+
+def measure(owner: str, updates: Any, p: float, policy: str) -> Measured:
+    """Checks the leaves (at trace time) and computes the global p-norm."""
+    flat = _checks.float_leaves(updates, owner)
+    paths = [path for path, _ in flat]
+    leaves = [x for _, x in flat]
+    norm, finite = _norms.global_norm_and_finite(leaves, p, sanitize=policy == "zero")
+    chex.assert_shape([norm, finite], ())
+    return Measured(paths, leaves, norm, finite)
+
+
+class Rescaled(NamedTuple):
+    updates: Any
+    scale: Array  # accumulation dtype []: the factor applied (0 for a skipped step)
+    clipped: Array  # bool[]: rescaled at this step
+
+
+def rescale(
+    owner: str, updates: Any, measured: Measured, scale: Array, policy: str = "propagate"
+) -> Rescaled:
+    """Multiplies the gradient by ``scale`` under the non-finite ``policy``."""
+    if policy == "error":
+        _apply.raise_if_nonfinite(owner, measured.paths, measured.leaves, measured.finite)
+    new_updates = _checks.map_float_leaves(
+        lambda x: _apply.apply_policy(x, scale, measured.finite, policy), updates
+    )
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_updates, updates)
+    clipped = measured.finite & (scale != 1)
+    return Rescaled(new_updates, _apply.reported_scale(scale, measured.finite, policy), clipped)
+
+
+def stats_dtype(params: Any) -> Any:
+    """float64 when ``params`` has a float64 leaf (with x64 enabled), else float32."""
+    dtypes = [getattr(x, "dtype", None) for x in jax.tree.leaves(params)]
+    return _norms.accumulation_dtype([d for d in dtypes if d is not None])
+
+
+def initial_threshold(value: Any, dtype: Any) -> Array:
+    """The initial threshold to record: the value at step 0 if it can be read."""
+    return _apply.as_threshold(value, jnp.zeros((), jnp.int32), dtype)
+
+
+class Units(NamedTuple):
+    """A gradient and the norms of its units (leaves, or slices of leaves)."""
+
+    paths: list[Any]
+    leaves: list[Array]
+    norms: list[Array]  # on the work arrays of _norms.slice_norms
+    finite: list[Array]  # bool, same shapes as norms
+    split: Any  # work-array results -> one per leaf
+    step_finite: Array  # bool[]: every element finite
+
+
+def measure_units(
+    paths: list[Any],
+    leaves: list[Array],
+    p: float,
+    axes: list[tuple[int, ...] | None],
+    policy: str,
+    *,
+    rescue_tiny: bool = True,
+) -> Units:
+    """The norm of each unit of ``leaves`` (checked leaves at ``paths``).
+
+    ``axes`` gives, per leaf, the axes to reduce (None for whole leaves).
+    """
+    measured = _norms.slice_norms(
+        leaves, p, axes, sanitize=policy == "zero", rescue_tiny=rescue_tiny
+    )
+    step_finite = _norms.all_true(measured.finite)
+    return Units(paths, leaves, measured.norms, measured.finite, measured.split, step_finite)
+
+
+def rescale_units(owner: str, updates: Any, units: Units, scales: list[Array], policy: str) -> Any:
+    """Multiplies each unit by its scale (given on the work arrays) under ``policy``."""
+    if policy == "error":
+        _apply.raise_if_nonfinite(owner, units.paths, units.leaves, units.step_finite)
+    new_leaves = [
+        _apply.apply_policy(x, s, units.step_finite, policy)
+        for x, s in zip(units.leaves, units.split(scales))
+    ]
+    new_updates = _checks.replace_leaves(updates, units.paths, new_leaves)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_updates, updates)
+    return new_updates
+
+
+class UnitSummary(NamedTuple):
+    norm: Array  # the global pre-clip norm
+    scale: Array  # post-clip global norm / pre-clip global norm
+    clipped: Array  # bool[]: some unit was rescaled
+    clipped_fraction: Array  # fraction of units rescaled
+    max_unit_norm: Array
+
+
+def summarize_units(units: Units, scales: list[Array], p: float, policy: str) -> UnitSummary:
+    """The global view of a per-unit clip, from the unit norms alone (no pass over data)."""
+    dtype = _norms.accumulation_dtype([x.dtype for x in units.leaves])
+    norms = [n.astype(dtype) for n in units.norms]
+    before = _norms.combine_norms(norms, p)
+    after = _norms.combine_norms([n * s.astype(dtype) for n, s in zip(norms, scales)], p)
+    ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), jnp.ones_like(before))
+    ratio = _apply.reported_scale(ratio, units.step_finite, policy)
+    n_units = sum(n.size for n in norms)
+    n_clipped = sum(jnp.sum((s != 1) & f) for s, f in zip(scales, units.finite))
+    largest = jnp.max(jnp.stack([jnp.max(n) for n in norms])) if norms else jnp.zeros((), dtype)
+    return UnitSummary(
+        norm=before,
+        scale=ratio,
+        clipped=units.step_finite & (n_clipped > 0),
+        clipped_fraction=jnp.asarray(n_clipped / max(n_units, 1), dtype),
+        max_unit_norm=largest,
+    )

@@ -1,0 +1,245 @@
+"""Adaptive threshold rules: pure functions of a small state and the latest norm.
+
+A rule is ``init(dtype) -> state`` and ``step(state, norm) -> RuleStep``: the
+norm to clip to at this step, the boundary to report (norms above it are
+clipped), the next state and the rule's own statistics. Rules see no
+gradients, so they are tested by feeding them sequences of norms. A transform
+(see ``adaptive.py``) measures the gradient, asks its rule, rescales, and
+keeps the old rule state on non-finite steps.
+
+Each rule follows its paper's reference implementation; departures are noted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class RuleStep(NamedTuple):
+    target: Array  # clip the norm down to this (inf: no clipping this step)
+    boundary: Array  # reported threshold: norms above it are clipped
+    state: Any  # the rule's next state
+    extra: dict[str, Array]  # the rule's statistics, scalars of the state dtype
+
+
+class Rule(NamedTuple):
+    init: Callable[[Any], Any]
+    step: Callable[[Any, Array], RuleStep]
+    extra_names: tuple[str, ...]
+
+
+def as_scalar(value: Any, dtype: Any) -> Array:
+    """A hyperparameter (number, array, possibly traced) as a scalar of ``dtype``."""
+    return jnp.asarray(value).astype(dtype)
+
+
+# -- AutoClip ---------------------------------------------------------------------------
+
+
+class AutoClipState(NamedTuple):
+    history: Array  # float[H]: the latest H finite norms (a ring buffer)
+    count: Array  # int32[]: finite norms seen so far
+
+
+def linear_percentile(values: Array, valid: Array, percentile: Array) -> Array:
+    """numpy.percentile(values[:valid], percentile) with method='linear', under jit.
+
+    ``values`` has a static length; only the first ``valid`` entries count.
+    """
+    dtype = values.dtype
+    n = values.shape[0]
+    masked = jnp.where(jnp.arange(n) < valid, values, jnp.inf)
+    ordered = jnp.sort(masked)
+    position = (valid - 1).astype(dtype) * (as_scalar(percentile, dtype) / 100)
+    below = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, n - 1)
+    above = jnp.clip(below + 1, 0, jnp.maximum(valid - 1, 0))
+    weight = position - below.astype(dtype)
+    a, b = ordered[below], ordered[above]
+    # numpy's lerp: from below for weights < 0.5, from above otherwise
+    diff = b - a
+    return jnp.where(weight >= 0.5, b - diff * (1 - weight), a + diff * weight)
+
+
+def autoclip_rule(percentile: Any, history: int) -> Rule:
+    """AutoClip: clip to the ``percentile`` of all norms so far, the current one included."""
+
+    def init(dtype: Any) -> AutoClipState:
+        return AutoClipState(jnp.zeros((history,), dtype), jnp.zeros((), jnp.int32))
+
+    def step(state: AutoClipState, norm: Array) -> RuleStep:
+        history_ = state.history.at[state.count % history].set(norm.astype(state.history.dtype))
+        count = state.count + 1
+        threshold = linear_percentile(history_, jnp.minimum(count, history), percentile)
+        return RuleStep(
+            target=threshold,
+            boundary=threshold,
+            state=AutoClipState(history_, count),
+            extra={"seen": count.astype(history_.dtype)},
+        )
+
+    return Rule(init, step, ("seen",))
+
+
+# -- ZClip ------------------------------------------------------------------------------
+
+
+class ZClipState(NamedTuple):
+    count: Array  # int32[]: finite norms seen so far
+    mean: Array  # float[]: mean of the warmup norms, then their EMA
+    var: Array  # float[]: population variance of the warmup norms, then its EMA
+
+
+def zclip_rule(
+    alpha: Any,
+    z_thresh: Any,
+    warmup_steps: Any,
+    mode: str,
+    clip_option: str,
+    clip_factor: Any,
+    max_norm: Any,
+    skip_update_on_spike: bool,
+    eps: Any,
+) -> Rule:
+    """ZClip: z-score spike detection against an EMA of the norm's mean and variance."""
+
+    def init(dtype: Any) -> ZClipState:
+        zero = jnp.zeros((), dtype)
+        return ZClipState(jnp.zeros((), jnp.int32), zero, zero)
+
+    def step(state: ZClipState, norm: Array) -> RuleStep:
+        dtype = state.mean.dtype
+        n = norm.astype(dtype)
+        a, zt, cf, e = (as_scalar(v, dtype) for v in (alpha, z_thresh, clip_factor, eps))
+        inf = jnp.full((), jnp.inf, dtype)
+        cap = inf if max_norm is None else as_scalar(max_norm, dtype)
+        warming = state.count < jnp.asarray(warmup_steps)
+
+        # warmup: running mean and population variance (Welford), clip only to the cap
+        k = (state.count + 1).astype(dtype)
+        warm_mean = state.mean + (n - state.mean) / k
+        warm_var = state.var + ((n - state.mean) * (n - warm_mean) - state.var) / k
+
+        # after warmup: compare with the statistics of the previous step
+        sigma = jnp.sqrt(state.var)
+        z = (n - state.mean) / (sigma + e)
+        if mode == "zscore":
+            spike = z > zt
+            if clip_option == "adaptive_scaling":
+                safe_z = jnp.where(spike, z, jnp.ones_like(z))
+                c = (state.mean + zt * zt * sigma / safe_z) * cf
+            else:  # "mean"
+                c = state.mean
+            boundary = state.mean + zt * (sigma + e)
+        else:  # "percentile": clip to mean + z_thresh * sigma
+            c = state.mean + zt * sigma
+            spike = n > c
+            boundary = c
+        x = jnp.where(spike, c, n)  # the EMA is fed the clipped value
+        ema_mean = a * state.mean + (1 - a) * x
+        ema_var = a * state.var + (1 - a) * (x - ema_mean) ** 2
+        if skip_update_on_spike:
+            ema_mean = jnp.where(spike, state.mean, ema_mean)
+            ema_var = jnp.where(spike, state.var, ema_var)
+
+        spike = ~warming & spike
+        target = jnp.minimum(jnp.where(spike, c, inf), cap)
+        boundary = jnp.where(warming, cap, jnp.minimum(boundary, cap))
+        new_state = ZClipState(
+            count=state.count + 1,
+            mean=jnp.where(warming, warm_mean, ema_mean),
+            var=jnp.where(warming, warm_var, ema_var),
+        )
+        extra = {
+            "mean": new_state.mean,
+            "std": jnp.sqrt(new_state.var),
+            "z": jnp.where(warming, jnp.zeros_like(z), z),
+            "spike": spike.astype(dtype),
+            "warmup": warming.astype(dtype),
+        }
+        return RuleStep(target, boundary, new_state, extra)
+
+    return Rule(init, step, ("mean", "std", "z", "spike", "warmup"))
+
+
+# -- quantile tracking ------------------------------------------------------------------
+
+
+class QuantileState(NamedTuple):
+    threshold: Array  # float[]: the clip norm C for the next step
+
+
+def quantile_rule(
+    target_quantile: Any, learning_rate: Any, initial_threshold: Any, update: str
+) -> Rule:
+    """Andrew et al.: move C towards the target quantile of the norm stream."""
+
+    def init(dtype: Any) -> QuantileState:
+        return QuantileState(as_scalar(initial_threshold, dtype))
+
+    def step(state: QuantileState, norm: Array) -> RuleStep:
+        c = state.threshold
+        dtype = c.dtype
+        below = (norm.astype(dtype) <= c).astype(dtype)
+        gap = below - as_scalar(target_quantile, dtype)
+        lr = as_scalar(learning_rate, dtype)
+        if update == "geometric":
+            new_c = c * jnp.exp(-lr * gap)
+        else:  # arithmetic; kept >= 0
+            new_c = jnp.maximum(c - lr * gap, 0)
+        return RuleStep(c, c, QuantileState(new_c), {"below": below})
+
+    return Rule(init, step, ("below",))
+
+
+# -- AdaGC ------------------------------------------------------------------------------
+
+
+class AdaGCUnits(NamedTuple):
+    """One AdaGC step on a set of units (leaves, slices of leaves, or the global norm)."""
+
+    scale: Array  # factor per unit
+    gamma: Array  # next gamma per unit
+
+
+def adagc_units(
+    norm: Array,
+    gamma: Array,
+    warming: Array,
+    first: Array,
+    warmup_scale: Array,
+    lambda_rel: Any,
+    beta: Any,
+    eps: Any,
+) -> AdaGCUnits:
+    """The AdaGC update of every unit at once (arrays broadcast together).
+
+    Args:
+      norm: each unit's pre-clip norm.
+      gamma: each unit's state.
+      warming: whether this step is in the warmup.
+      first: whether this is the first step (gamma starts at the norm).
+      warmup_scale: the warmup's global-clip factor, applied before measuring.
+      lambda_rel, beta, eps: the rule's hyperparameters.
+    """
+    dtype = gamma.dtype
+    n = norm.astype(dtype)
+    lam, b, e = (as_scalar(v, dtype) for v in (lambda_rel, beta, eps))
+    # warmup: units measured after the global clip; gamma is their running minimum
+    after_warmup_clip = n * warmup_scale.astype(dtype)
+    warm_gamma = jnp.where(first, after_warmup_clip, jnp.minimum(gamma, after_warmup_clip))
+    # after: clip units above lambda * gamma, then an EMA of the clipped norms
+    limit = lam * gamma
+    over = n > limit
+    unit_scale = jnp.where(over, limit / (n + e), jnp.ones_like(n))
+    clipped_norm = jnp.where(over, limit, n)
+    ema_gamma = b * gamma + (1 - b) * clipped_norm
+    return AdaGCUnits(
+        scale=jnp.where(warming, jnp.broadcast_to(warmup_scale.astype(dtype), n.shape), unit_scale),
+        gamma=jnp.where(warming, warm_gamma, ema_gamma),
+    )
