@@ -43,19 +43,18 @@ def as_scalar(value: Any, dtype: Any) -> Array:
 
 
 class AutoClipState(NamedTuple):
-    history: Array  # float[H]: the latest H finite norms (a ring buffer)
+    history: Array  # float[H]: the latest H finite norms, in arrival order (a ring buffer)
+    ordered: Array  # float[H]: the same norms sorted, then +inf padding
     count: Array  # int32[]: finite norms seen so far
 
 
-def linear_percentile(values: Array, valid: Array, percentile: Array) -> Array:
-    """numpy.percentile(values[:valid], percentile) with method='linear', under jit.
+def linear_percentile(ordered: Array, valid: Array, percentile: Array) -> Array:
+    """numpy.percentile(v, percentile) with method='linear', where ``ordered[:valid]`` is v sorted.
 
-    ``values`` has a static length; only the first ``valid`` entries count.
+    ``ordered`` has a static length; only its first ``valid`` entries count.
     """
-    dtype = values.dtype
-    n = values.shape[0]
-    masked = jnp.where(jnp.arange(n) < valid, values, jnp.inf)
-    ordered = jnp.sort(masked)
+    dtype = ordered.dtype
+    n = ordered.shape[0]
     position = (valid - 1).astype(dtype) * (as_scalar(percentile, dtype) / 100)
     below = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, n - 1)
     above = jnp.clip(below + 1, 0, jnp.maximum(valid - 1, 0))
@@ -66,21 +65,43 @@ def linear_percentile(values: Array, valid: Array, percentile: Array) -> Array:
     return jnp.where(weight >= 0.5, b - diff * (1 - weight), a + diff * weight)
 
 
+def _sorted_replace(ordered: Array, old: Array, remove: Array, new: Array) -> Array:
+    """Removes one ``old`` (when ``remove``) from a sorted array and inserts ``new``.
+
+    O(H) elementwise work instead of a sort each step; +inf pads the tail.
+    """
+    index = jnp.arange(ordered.shape[0])
+    padded = jnp.concatenate([ordered, jnp.full((1,), jnp.inf, ordered.dtype)])
+    first = jnp.sum(ordered < old)  # the position of one copy of ``old``
+    shifted_left = jnp.where(index >= first, padded[1:], ordered)
+    ordered = jnp.where(remove, shifted_left, ordered)
+    slot = jnp.sum(ordered <= new)  # insert after equal values
+    shifted_right = jnp.concatenate([ordered[:1], ordered[:-1]])
+    return jnp.where(index < slot, ordered, jnp.where(index == slot, new, shifted_right))
+
+
 def autoclip_rule(percentile: Any, history: int) -> Rule:
     """AutoClip: clip to the ``percentile`` of all norms so far, the current one included."""
 
     def init(dtype: Any) -> AutoClipState:
-        return AutoClipState(jnp.zeros((history,), dtype), jnp.zeros((), jnp.int32))
+        return AutoClipState(
+            history=jnp.zeros((history,), dtype),
+            ordered=jnp.full((history,), jnp.inf, dtype),
+            count=jnp.zeros((), jnp.int32),
+        )
 
     def step(state: AutoClipState, norm: Array) -> RuleStep:
-        history_ = state.history.at[state.count % history].set(norm.astype(state.history.dtype))
+        n = norm.astype(state.history.dtype)
+        slot = state.count % history
+        evicted = state.history[slot]
+        ordered = _sorted_replace(state.ordered, evicted, state.count >= history, n)
         count = state.count + 1
-        threshold = linear_percentile(history_, jnp.minimum(count, history), percentile)
+        threshold = linear_percentile(ordered, jnp.minimum(count, history), percentile)
         return RuleStep(
             target=threshold,
             boundary=threshold,
-            state=AutoClipState(history_, count),
-            extra={"seen": count.astype(history_.dtype)},
+            state=AutoClipState(state.history.at[slot].set(n), ordered, count),
+            extra={"seen": count.astype(n.dtype)},
         )
 
     return Rule(init, step, ("seen",))
@@ -109,8 +130,7 @@ def zclip_rule(
     """ZClip: z-score spike detection against an EMA of the norm's mean and variance."""
 
     def init(dtype: Any) -> ZClipState:
-        zero = jnp.zeros((), dtype)
-        return ZClipState(jnp.zeros((), jnp.int32), zero, zero)
+        return ZClipState(jnp.zeros((), jnp.int32), jnp.zeros((), dtype), jnp.zeros((), dtype))
 
     def step(state: ZClipState, norm: Array) -> RuleStep:
         dtype = state.mean.dtype

@@ -79,16 +79,16 @@ def initial_stats(
     dtype: Any, threshold: Any = 0.0, extra: Mapping[str, Array] | None = None
 ) -> ClipStats:
     """The record before the first update."""
-    zero_i = jnp.zeros((), jnp.int32)
+    # a fresh array per field: a state whose fields share buffers cannot be donated
     return ClipStats(
         norm=jnp.zeros((), dtype),
         threshold=jnp.asarray(threshold, dtype),
         scale=jnp.ones((), dtype),
         clipped=jnp.array(False),
         finite=jnp.array(True),
-        step=zero_i,
-        clipped_steps=zero_i,
-        nonfinite_steps=zero_i,
+        step=jnp.zeros((), jnp.int32),
+        clipped_steps=jnp.zeros((), jnp.int32),
+        nonfinite_steps=jnp.zeros((), jnp.int32),
         extra=dict(extra or {}),
     )
 

@@ -97,11 +97,14 @@ def skip_on_spike(
 
     def init_fn(params: Any) -> SkipOnSpikeState:
         dtype = _clip.stats_dtype(params)
-        zeros = jnp.zeros((window,), dtype)
-        count = jnp.zeros((), jnp.int32)
         extra = {name: jnp.zeros((), dtype) for name in extra_names}
         return SkipOnSpikeState(
-            inner.init(params), zeros, zeros, count, count, initial_stats(dtype, extra=extra)
+            inner=inner.init(params),
+            norms=jnp.zeros((window,), dtype),
+            losses=jnp.zeros((window,), dtype),
+            norm_count=jnp.zeros((), jnp.int32),
+            loss_count=jnp.zeros((), jnp.int32),
+            stats=initial_stats(dtype, extra=extra),
         )
 
     def update_fn(
@@ -136,11 +139,15 @@ def skip_on_spike(
             losses, loss_count = _push(state.losses, state.loss_count, loss_value, loss_finite)
         norms, norm_count = _push(state.norms, state.norm_count, norm, norm_finite)
 
-        inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
-        new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), inner_updates)
-        new_inner = jax.tree.map(
-            lambda new, old: jnp.where(skip, old, new), inner_state, state.inner
-        )
+        def take(_: None) -> tuple[Any, Any]:
+            return inner.update(updates, state.inner, params, **extra_args)
+
+        def reject(_: None) -> tuple[Any, Any]:
+            shapes = jax.eval_shape(take, None)[0]
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), state.inner
+
+        # a branch: a skipped step does not run the inner update at all
+        new_updates, new_inner = jax.lax.cond(~skip, take, reject, None)
         stats = next_stats(
             state.stats,
             norm=norm,

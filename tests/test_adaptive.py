@@ -1,5 +1,6 @@
 """The adaptive clippers, step by step against NumPy versions of the published rules."""
 
+import functools
 import math
 
 import _references as ref
@@ -59,15 +60,19 @@ def test_autoclip_bounded_history_uses_the_latest_norms():
     assert float(states[2].stats.threshold) == pytest.approx(20.0)
 
 
+AUTOCLIP_MAX = jaxclip.autoclip(100.0, history=32)
+AUTOCLIP_MAX_NO_EPS = jaxclip.autoclip(100.0, history=32, eps=0.0)
+
+
 @given(st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=30))
 def test_autoclip_percentile_100_never_clips(norms):
     # the threshold is the largest norm so far, never below the current one
-    scales, states = _drive(jaxclip.autoclip(100.0, history=32), norms)
+    scales, states = _drive(AUTOCLIP_MAX, norms)
     for n, scale, state in zip(norms, scales, states):
         assert float(state.stats.threshold) >= np.float32(n)
         # only PyTorch's eps can touch the gradient: n / (n + 1e-6) at most
         assert scale >= np.float32(n) / (np.float32(n) + 1e-6) * (1 - 1e-6)
-    scales, states = _drive(jaxclip.autoclip(100.0, history=32, eps=0.0), norms)
+    scales, states = _drive(AUTOCLIP_MAX_NO_EPS, norms)
     np.testing.assert_array_equal(scales, 1.0)
     assert int(states[-1].stats.clipped_steps) == 0
 
@@ -117,9 +122,12 @@ def test_zclip_hand_checked():
     assert float(states[3].rule.var) == pytest.approx(0.97 * 2 / 3 + 0.03 * (c - mean) ** 2)
 
 
+ZCLIP_DEFAULT = jaxclip.zclip()
+
+
 @given(st.lists(st.floats(1e-3, 1e4), min_size=1, max_size=25))
 def test_zclip_never_clips_during_warmup_without_a_cap(norms):
-    scales, states = _drive(jaxclip.zclip(warmup_steps=25), norms)
+    scales, states = _drive(ZCLIP_DEFAULT, norms)
     np.testing.assert_array_equal(scales, 1.0)
     assert all(float(s.stats.extra["warmup"]) == 1.0 for s in states)
 
@@ -223,15 +231,26 @@ def test_adagc_warmup_clips_globally():
     assert float(state.stats.threshold) == 1.0
 
 
+ADAGC_INJECTED = optax.inject_hyperparams(jaxclip.adagc)(
+    lambda_rel=1.0, beta=0.9, warmup_steps=3, scope="global"
+)
+
+
 @given(
     st.lists(st.floats(1e-3, 1e3), min_size=12, max_size=40),
     st.floats(1.0, 2.0),
     st.floats(0.5, 0.999),
 )
 def test_adagc_gamma_grows_by_at_most_beta_plus_one_minus_beta_lambda(norms, lam, beta):
-    tx = jaxclip.adagc(lambda_rel=lam, beta=beta, warmup_steps=3, scope="global")
-    _, states = _drive(tx, norms)
-    gammas = np.array([float(s.gamma[0]) for s in states])
+    state = ADAGC_INJECTED.init(jnp.zeros(1))
+    state.hyperparams["lambda_rel"] = jnp.float32(lam)
+    state.hyperparams["beta"] = jnp.float32(beta)
+    update = jax.jit(ADAGC_INJECTED.update)
+    gammas = []
+    for n in norms:
+        _, state = update(jnp.array([n], jnp.float32), state)
+        gammas.append(float(state.inner_state.gamma[0]))
+    gammas = np.array(gammas)
     bound = beta + (1 - beta) * lam
     after = gammas[3:] / gammas[2:-1]
     assert np.all(after <= bound * (1 + 1e-6))
@@ -255,9 +274,10 @@ def test_adagc_stacked_layers_keep_per_layer_gammas():
     tx_separate = jaxclip.adagc(warmup_steps=4)
     s1, s2 = tx_stacked.init(stacked[0]), tx_separate.init(separate[0])
     assert s1.gamma.shape == (3,) and s2.gamma.shape == (3,)
+    update1, update2 = jax.jit(tx_stacked.update), jax.jit(tx_separate.update)
     for a, b in zip(stacked, separate):
-        out1, s1 = tx_stacked.update(a, s1)
-        out2, s2 = tx_separate.update(b, s2)
+        out1, s1 = update1(a, s1)
+        out2, s2 = update2(b, s2)
         np.testing.assert_allclose(out1["layers"][0], out2["l0"], rtol=1e-6)
         np.testing.assert_allclose(out1["layers"][1], out2["l1"], rtol=1e-6)
     np.testing.assert_allclose(np.sort(s1.gamma), np.sort(s2.gamma), rtol=1e-6)
@@ -424,13 +444,14 @@ def test_state_is_fixed_shape_and_vmaps_over_seeds(name):
     grads = jnp.stack([jnp.stack([jnp.full((2,), n), jnp.full((2,), -n)]) for n in norms])
     grads = jnp.stack([grads, grads * 0.5, grads * 2])  # three seeds
 
+    @jax.jit
     def run(g_seq):
-        state = tx.init(params)
-        for g in g_seq:
-            _, state = tx.update(g, state, params)
-        return state
+        def body(state, g):
+            return tx.update(g, state, params)[1], None
 
-    batched = jax.vmap(lambda g: run(g))(grads)
+        return jax.lax.scan(body, tx.init(params), g_seq)[0]
+
+    batched = jax.vmap(run)(grads)
     for i in range(3):
         single = run(grads[i])
         seed_i = jax.tree.map(lambda x, i=i: x[i], batched)
@@ -502,3 +523,48 @@ def test_nonfinite_steps_leave_the_rule_unchanged(name):
     }[name]
     out, _ = tx_skip.update(jnp.array([jnp.inf]), tx_skip.init(jnp.zeros(1)))
     assert float(out[0]) == 0.0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_can_be_donated(name):
+    """No two fields of the state share a buffer, so a training step can donate it."""
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    tx = optax.chain(ALL[name](), optax.adam(1e-3))
+    state = tx.init(params)
+    buffers = [id(x) for x in jax.tree.leaves(state)]
+    assert len(buffers) == len(set(buffers))
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, state):
+        updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(2):
+        params, state = step(params, state)
+    found = jaxclip.get_stats(state)
+    records = found.values() if isinstance(found, dict) else [found]
+    assert all(int(r.step) == 2 for r in records)
+
+
+@given(
+    st.lists(st.sampled_from([1.0, 2.0, 2.0, 3.0, 5.0]), min_size=1, max_size=25),
+    st.floats(0.0, 100.0),
+)
+def test_autoclip_bounded_history_equals_numpy_on_the_window(norms, percentile):
+    state = AUTOCLIP_WINDOW.init(None)
+    state.hyperparams["percentile"] = jnp.float32(percentile)
+    update = jax.jit(AUTOCLIP_WINDOW.update)
+    for t, n in enumerate(norms):
+        _, state = update(jnp.array([n], jnp.float32), state)
+        window = norms[max(0, t + 1 - 4) : t + 1]
+        expected = np.percentile(window, np.float32(percentile))
+        assert float(state.inner_state.stats.threshold) == pytest.approx(expected, rel=1e-5)
+        np.testing.assert_array_equal(
+            np.sort(state.inner_state.rule.history[: min(t + 1, 4)]),
+            state.inner_state.rule.ordered[: min(t + 1, 4)],
+        )
+
+
+AUTOCLIP_WINDOW = optax.inject_hyperparams(jaxclip.autoclip, static_args=("history",))(
+    percentile=50.0, history=4
+)

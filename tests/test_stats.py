@@ -154,3 +154,19 @@ def test_scan_carry():
     state, norms = jax.lax.scan(body, tx.init(None), grads)
     np.testing.assert_allclose(norms, [5.0, 1.0, 0.0], rtol=1e-6)
     assert int(state.clipped_steps) == 1
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [jaxclip.clip_by_global_norm(1.0), jaxclip.clip_by_norm(1.0), jaxclip.clip_by_value(1.0)],
+    ids=["global_norm", "norm", "value"],
+)
+def test_state_can_be_donated(tx):
+    tx = optax.chain(tx, optax.adam(1e-3))
+    state = tx.init(PARAMS)
+    buffers = [id(x) for x in jax.tree.leaves(state)]
+    assert len(buffers) == len(set(buffers))
+    step = jax.jit(lambda s: tx.update(GRADS, s, PARAMS)[1], donate_argnums=0)
+    for _ in range(3):
+        state = step(state)
+    assert int(jaxclip.get_stats(state).step) == 3

@@ -1,0 +1,80 @@
+"""Shared pieces of the benchmarks: model-like trees and interleaved timing."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def transformer_tree(d_model: int, layers: int, vocab: int, dtype=jnp.float32, seed: int = 0):
+    """Leaves shaped like a transformer's: embeddings, attention, MLP, norms, biases."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(*shape):
+        return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * 0.02, dtype)
+
+    tree = {"embed": leaf(vocab, d_model), "final_norm": leaf(d_model)}
+    for i in range(layers):
+        tree[f"layer{i:03d}"] = {
+            "attn": {k: leaf(d_model, d_model) for k in ("q", "k", "v", "o")},
+            "mlp": {"up": leaf(d_model, 4 * d_model), "down": leaf(4 * d_model, d_model)},
+            "mlp_bias": leaf(4 * d_model),
+            "norm1": leaf(d_model),
+            "norm2": leaf(d_model),
+        }
+    return tree
+
+
+def tree_megabytes(tree: Any) -> float:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)) / 1e6
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]], rounds: int = 20, warmup: int = 2
+) -> dict[str, dict[str, float]]:
+    """Times each zero-argument function in turn, round after round; medians in ms.
+
+    Interleaving spreads slow drifts of the machine (frequency, other load)
+    over every contender instead of penalising whichever ran last.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {
+        name: {
+            "median_ms": statistics.median(times),
+            "min_ms": min(times),
+            "iqr_ms": float(np.subtract(*np.percentile(times, [75, 25]))),
+        }
+        for name, times in samples.items()
+    }
+
+
+def machine() -> dict[str, str]:
+    device = jax.devices()[0]
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+        "cpu_count": str(__import__("os").cpu_count()),
+    }
+
+
+def write(path: str, payload: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
