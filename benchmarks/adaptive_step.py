@@ -46,9 +46,7 @@ def make_step(name: str):
     elif name in PEERS:
         tx = optax.chain(PEERS[name](), optax.adamw(1e-4))
     elif name == "skip_on_spike+clip":
-        tx = jaxclip.skip_on_spike(
-            optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(1e-4))
-        )
+        tx = jaxclip.skip_on_spike(optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(1e-4)))
     elif name == "adamw alone":
         tx = optax.adamw(1e-4)
     else:
@@ -100,8 +98,10 @@ def main() -> None:
         )
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write(str(out), {"machine": machine(), "model_mb": size, "rounds": args.rounds,
-                     "results": results})
+    write(
+        str(out),
+        {"machine": machine(), "model_mb": size, "rounds": args.rounds, "results": results},
+    )
     print(f"wrote {out}")
 
 

@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--methods",
         type=_methods,
-        default=list(demo.METHODS),
-        help=f"comma-separated, from: {', '.join(demo.METHODS)}",
+        default=list(demo.DEFAULT_METHODS),
+        help=f"comma-separated, from: {', '.join(demo.METHODS)} "
+        f"(default: {','.join(demo.DEFAULT_METHODS)})",
     )
     return parser
 

@@ -43,10 +43,18 @@ def _methods() -> dict[str, Callable[[], optax.GradientTransformation | None]]:
         "none": lambda: None,
         "clip_by_global_norm": lambda: jaxclip.clip_by_global_norm(1.0),
         "clip_by_value": lambda: jaxclip.clip_by_value(0.1),
+        "autoclip": lambda: jaxclip.autoclip(10.0),
+        "zclip": lambda: jaxclip.zclip(),
+        "adagc": lambda: jaxclip.adagc(),
+        "quantile_clip": lambda: jaxclip.quantile_clip(),
+        "agc": lambda: jaxclip.agc(0.01),
+        "skip_on_spike": lambda: jaxclip.skip_on_spike(jaxclip.clip_by_global_norm(1.0)),
     }
 
 
+# every method the experiment knows, and the ones the demo runs by default
 METHODS = tuple(_methods())
+DEFAULT_METHODS = ("none", "clip_by_global_norm", "clip_by_value", "autoclip", "zclip", "adagc")
 
 
 def make_clipper(name: str) -> optax.GradientTransformation | None:
@@ -121,7 +129,7 @@ def train(
         if clipper is None:
             norm, threshold, clipped = jaxclip.global_norm(grads), jnp.nan, False
         else:
-            stats = jaxclip.get_stats(opt_state)
+            stats = _outermost(jaxclip.get_stats(opt_state))
             norm, threshold, clipped = stats.norm, stats.threshold, stats.clipped
         return optax.apply_updates(params, updates), opt_state, loss, norm, threshold, clipped
 
@@ -144,6 +152,13 @@ def train(
     return history
 
 
+def _outermost(found: Any) -> jaxclip.ClipStats:
+    """The record of the outermost transform (e.g. a guard rather than what it wraps)."""
+    if isinstance(found, dict):
+        return found[min(found, key=lambda path: (path.count("/"), path))]
+    return found
+
+
 def summarize(history: History) -> dict[str, Any]:
     """The table row: final loss, non-finite steps, clipped steps, largest norm, time."""
     loss = history.loss
@@ -153,10 +168,25 @@ def summarize(history: History) -> dict[str, Any]:
         "method": history.method,
         "final loss": float(np.mean(tail)) if np.all(np.isfinite(tail)) else float("nan"),
         "non-finite loss steps": int(np.sum(~np.isfinite(loss))),
+        "loss spikes": count_spikes(loss),
         "clipped steps": int(np.sum(history.clipped)),
         "largest norm": float(finite_norms.max()) if finite_norms.size else float("nan"),
         "seconds": history.seconds,
     }
+
+
+def count_spikes(loss: np.ndarray, window: int = 50, factor: float = 3.0) -> int:
+    """Steps whose loss exceeds ``factor`` times the median of the previous ``window``.
+
+    Non-finite losses count as spikes; the first 10 steps are never spikes.
+    """
+    spikes = 0
+    for i in range(10, len(loss)):
+        recent = loss[max(0, i - window) : i]
+        recent = recent[np.isfinite(recent)]
+        if not np.isfinite(loss[i]) or (recent.size and loss[i] > factor * np.median(recent)):
+            spikes += 1
+    return spikes
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

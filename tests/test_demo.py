@@ -27,13 +27,13 @@ def test_demo_runs_and_writes_its_results(tmp_path):
     out = tmp_path / "results"
     proc = _run("demo", "--steps", "40", "--seed", "3", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for method in demo.METHODS:
+    for method in demo.DEFAULT_METHODS:
         assert method in proc.stdout
     assert "final loss" in proc.stdout and str(out / "summary.json") in proc.stdout
     rows = json.loads((out / "summary.json").read_text())
-    assert [r["method"] for r in rows] == list(demo.METHODS)
+    assert [r["method"] for r in rows] == list(demo.DEFAULT_METHODS)
     lines = (out / "history.csv").read_text().splitlines()
-    assert len(lines) == 1 + 40 * len(demo.METHODS)
+    assert len(lines) == 1 + 40 * len(demo.DEFAULT_METHODS)
     assert "40/40" in proc.stderr  # the progress bar
 
 
