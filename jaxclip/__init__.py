@@ -22,6 +22,7 @@ from jaxclip.adaptive import (
     zclip,
 )
 from jaxclip.agc import agc
+from jaxclip.diagnostics import GradReport, diagnose
 from jaxclip.fixed import clip_by_global_norm, clip_by_norm, clip_by_value
 from jaxclip.guards import SkipOnSpikeState, skip_on_spike
 
@@ -32,6 +33,7 @@ __all__ = [
     "AdaptiveClipState",
     "AutoClipState",
     "ClipStats",
+    "GradReport",
     "QuantileState",
     "SkipOnSpikeState",
     "ZClipState",
@@ -41,6 +43,7 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",
+    "diagnose",
     "get_stats",
     "global_norm",
     "leaf_norms",

@@ -280,6 +280,16 @@ def slice_norms(
     return SliceNorms(norms, finite, split)
 
 
+def per_leaf_count(leaves: Sequence[Array], predicate: Callable[[Array], Array]) -> list[Array]:
+    """Per leaf, how many elements satisfy ``predicate`` (int32 scalars)."""
+    work, axes, split = _stack_alike(leaves, [None] * len(leaves))
+    counts = [
+        jnp.sum(predicate(w), axis=a, keepdims=a is not None, dtype=jnp.int32)
+        for w, a in zip(work, axes)
+    ]
+    return split(counts)
+
+
 def _stack_alike(
     leaves: Sequence[Array], axes: Sequence[tuple[int, ...] | None]
 ) -> tuple[list[Array], list[tuple[int, ...] | None], Any]:

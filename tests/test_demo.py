@@ -35,6 +35,8 @@ def test_demo_runs_and_writes_its_results(tmp_path):
     lines = (out / "history.csv").read_text().splitlines()
     assert len(lines) == 1 + 40 * len(demo.DEFAULT_METHODS)
     assert "40/40" in proc.stderr  # the progress bar
+    png = (out / "demo.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and str(out / "demo.png") in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -65,14 +67,20 @@ def test_history_records_what_the_clipper_did():
     assert plain.loss[0] == pytest.approx(clipped.loss[0])
 
 
-def test_adding_problem_targets():
+def test_task_targets():
     import jax
 
-    x, y = demo.adding_batch(jax.random.PRNGKey(0), demo.Config(batch=5, seq_len=10))
+    config = demo.Config(batch=5, seq_len=10)
+    x, y = demo.adding_batch(jax.random.PRNGKey(0), config)
     x, y = np.asarray(x), np.asarray(y)
     assert x.shape == (5, 10, 2)
     np.testing.assert_array_equal(x[..., 1].sum(axis=1), 2.0)
     np.testing.assert_allclose(y, (x[..., 0] * x[..., 1]).sum(axis=1), rtol=1e-6)
+    x, y = demo.memory_batch(jax.random.PRNGKey(1), config)
+    x, y = np.asarray(x), np.asarray(y)
+    np.testing.assert_array_equal(y, x[:, 0, 0])
+    np.testing.assert_array_equal(x[..., 1], np.eye(10)[0][None].repeat(5, 0))
+    assert np.all(np.abs(x[..., 0]) <= 1)
 
 
 def test_format_table():

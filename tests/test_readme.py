@@ -27,6 +27,7 @@ def test_quickstart_runs():
 
 def test_two_commands():
     assert _command("demo-command").endswith("python -m jaxclip demo")
+    assert "[plot]" in _command("demo-command")  # the demo draws its picture
     test_command = _command("test-command")
     assert "pytest" in test_command and "--slow" in test_command
     ci = (ROOT / ".ci" / "run").read_text()
