@@ -20,6 +20,51 @@ from jaxclip import _apply, _checks, _norms
 Array = jax.Array
 
 
+class Mapped(NamedTuple):
+    """How the gradient is spread over mapped axes (``shard_map``, ``pmap``).
+
+    ``axis_name``: the axes whose devices each hold a disjoint piece of the
+    gradient, or None. ``replicated``: which leaves are whole on every device
+    anyway (None: none; a function ``(path, leaf) -> bool``; or a pytree of
+    booleans shaped like the gradient); they are counted once.
+    """
+
+    axis_name: Any = None
+    replicated: Any = None
+
+    def flags(self, owner: str, paths: list[Any], leaves: list[Array]) -> list[bool]:
+        """Per leaf, whether it is replicated."""
+        if self.axis_name is None or self.replicated is None:
+            return [False] * len(leaves)
+        if callable(self.replicated):
+            return [bool(self.replicated(_checks.path_name(p), x)) for p, x in zip(paths, leaves)]
+        by_path = {
+            tuple(p): bool(v) for p, v in jax.tree_util.tree_flatten_with_path(self.replicated)[0]
+        }
+        missing = [_checks.path_str(p) for p in paths if tuple(p) not in by_path]
+        if missing:
+            raise ValueError(
+                f"{owner}: replicated is a pytree without entries for {', '.join(missing)}; "
+                "give a boolean for every gradient leaf, or a function (path, leaf) -> bool."
+            )
+        return [by_path[tuple(p)] for p in paths]
+
+
+def mapped(owner: str, axis_name: Any, replicated: Any) -> Mapped:
+    """Checks ``axis_name`` (a name, a tuple of names, or None) and ``replicated``."""
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if axis_name is not None and not all(isinstance(n, str) and n for n in names):
+        raise ValueError(
+            f"{owner}: axis_name must be a mapped axis name or a tuple of names, got {axis_name!r}."
+        )
+    if replicated is not None and axis_name is None:
+        raise ValueError(f"{owner}: replicated only applies together with axis_name.")
+    return Mapped(axis_name, replicated)
+
+
+NOT_MAPPED = Mapped()
+
+
 class Measured(NamedTuple):
     """A gradient and its global norm."""
 
@@ -29,12 +74,20 @@ class Measured(NamedTuple):
     finite: Array  # bool[]: every element finite and the norm in range
 
 
-def measure(owner: str, updates: Any, p: float, policy: str) -> Measured:
+def measure(
+    owner: str, updates: Any, p: float, policy: str, where: Mapped = NOT_MAPPED
+) -> Measured:
     """Checks the leaves (at trace time) and computes the global p-norm."""
     flat = _checks.float_leaves(updates, owner)
     paths = [path for path, _ in flat]
     leaves = [x for _, x in flat]
-    norm, finite = _norms.global_norm_and_finite(leaves, p, sanitize=policy == "zero")
+    norm, finite = _norms.global_norm_and_finite(
+        leaves,
+        p,
+        sanitize=policy == "zero",
+        axis_name=where.axis_name,
+        replicated=where.flags(owner, paths, leaves),
+    )
     chex.assert_shape([norm, finite], ())
     return Measured(paths, leaves, norm, finite)
 
@@ -89,13 +142,21 @@ def measure_units(
     policy: str,
     *,
     rescue_tiny: bool = True,
+    where: Mapped = NOT_MAPPED,
+    owner: str = "jaxclip",
 ) -> Units:
     """The norm of each unit of ``leaves`` (checked leaves at ``paths``).
 
     ``axes`` gives, per leaf, the axes to reduce (None for whole leaves).
     """
     measured = _norms.slice_norms(
-        leaves, p, axes, sanitize=policy == "zero", rescue_tiny=rescue_tiny
+        leaves,
+        p,
+        axes,
+        sanitize=policy == "zero",
+        rescue_tiny=rescue_tiny,
+        axis_name=where.axis_name,
+        replicated=where.flags(owner, paths, leaves),
     )
     step_finite = _norms.all_true(measured.finite)
     return Units(paths, leaves, measured.norms, measured.finite, measured.split, step_finite)

@@ -31,10 +31,10 @@ _SMALLEST_SAFE_SUM = {
 }
 
 
-# Leaves up to this many elements are packed into one vector before a global
-# reduction once there are at least _PACK_COUNT of them: thousands of tiny
-# reductions cost XLA minutes to compile, one concatenation of them seconds,
-# and copying small leaves costs next to nothing at run time.
+# Small leaves of the same shape and layout are stacked and reduced together
+# once there are at least _PACK_COUNT of them: thousands of tiny reductions
+# cost XLA minutes to compile, one reduction of their stack seconds, and
+# copying leaves of up to _PACK_LIMIT elements costs next to nothing at run time.
 _PACK_LIMIT = 1 << 14
 _PACK_COUNT = 16
 
@@ -50,28 +50,10 @@ def _acc(x: Array) -> np.dtype:
     return accumulation_dtype([x.dtype])
 
 
-def _pack_small(leaves: Sequence[Array], dtype: Any = None) -> list[Array]:
-    """Big leaves as they are, small ones raveled into one vector per dtype.
-
-    Small leaves are cast to ``dtype``, or by default to their accumulation dtype.
-    """
-    small = [x for x in leaves if x.size <= _PACK_LIMIT]
-    if len(small) < _PACK_COUNT:
-        return list(leaves)
-    groups: dict[np.dtype, list[Array]] = {}
-    for x in small:
-        target = np.dtype(dtype) if dtype is not None else _acc(x)
-        groups.setdefault(target, []).append(jnp.ravel(x).astype(target))
-    packed = [jnp.concatenate(group) for group in groups.values()]
-    return [x for x in leaves if x.size > _PACK_LIMIT] + packed
-
-
 def count_true(flags: Sequence[Array]) -> Array:
     """How many elements of the boolean arrays ``flags`` are True (int32)."""
-    return sum(
-        (jnp.sum(f, dtype=jnp.int32) for f in _pack_small(flags, jnp.bool_)),
-        jnp.zeros((), jnp.int32),
-    )
+    work, _, _, _ = _stack_alike(flags, [None] * len(flags), [False] * len(flags))
+    return sum((jnp.sum(f, dtype=jnp.int32) for f in work), jnp.zeros((), jnp.int32))
 
 
 def _magnitude(x: Array, sanitize: bool) -> Array:
@@ -111,18 +93,6 @@ def _max_abs(x: Array, axis: tuple[int, ...] | None, sanitize: bool) -> Array:
     return jnp.max(_magnitude(x, sanitize), axis=axis, keepdims=keep, initial=0)
 
 
-def _rescaled(
-    leaves: Sequence[Array], p: float, maxima: Sequence[Array], axes: Sequence[Any], sanitize: bool
-) -> list[Array]:
-    """``sum((|x| / m)^p)`` per leaf (or slice), with ``m`` the largest magnitude."""
-    out = []
-    for x, m, axis in zip(leaves, maxima, axes):
-        divisor = safe_divisor(m)
-        keep = axis is not None
-        out.append(jnp.sum(_power(x, p, sanitize, divisor), axis=axis, keepdims=keep))
-    return out
-
-
 def safe_divisor(m: Array) -> Array:
     """``m`` where it is finite and positive, else 1; held constant under ``jax.grad``.
 
@@ -133,6 +103,24 @@ def safe_divisor(m: Array) -> Array:
     return jnp.where(jnp.isfinite(m) & (m > 0), m, jnp.ones_like(m))
 
 
+class Across(NamedTuple):
+    """Completes partial reductions across mapped axes (``shard_map``, ``pmap``).
+
+    A leaf that is *sharded* over ``axis_name`` holds a disjoint piece of the
+    gradient on each device: its partial sums are added up (``psum``) and its
+    partial maxima compared (``pmax``). A *replicated* leaf is whole on every
+    device and is counted once. Without ``axis_name`` nothing is exchanged.
+    """
+
+    axis_name: Any = None
+
+    def sum(self, x: Array, replicated: bool) -> Array:
+        return x if self.axis_name is None or replicated else lax.psum(x, self.axis_name)
+
+    def max(self, x: Array, replicated: bool) -> Array:
+        return x if self.axis_name is None or replicated else lax.pmax(x, self.axis_name)
+
+
 def _needs_rescue(s: Array, p: float, check_tiny: bool) -> Array:
     bad = ~jnp.isfinite(s)
     if p != 1 and check_tiny:
@@ -141,7 +129,12 @@ def _needs_rescue(s: Array, p: float, check_tiny: bool) -> Array:
 
 
 def global_norm_and_finite(
-    leaves: Sequence[Array], p: float, *, sanitize: bool = False
+    leaves: Sequence[Array],
+    p: float,
+    *,
+    sanitize: bool = False,
+    axis_name: Any = None,
+    replicated: Sequence[bool] | None = None,
 ) -> tuple[Array, Array]:
     """The p-norm of all ``leaves`` together, and whether it is finite.
 
@@ -150,34 +143,49 @@ def global_norm_and_finite(
       p: 1, 2, ``math.inf`` or a real p >= 1.
       sanitize: if True, non-finite elements count as zero in the norm (the
         returned flag still reports whether the raw gradient was finite).
+      axis_name: mapped axes the leaves are sharded over (see :class:`Across`).
+      replicated: per leaf, whether it is whole on every device (default: no).
 
     Returns:
       ``(norm, finite)``: scalars of the accumulation dtype and bool. ``finite``
       is False when an element is NaN or inf, or when the true norm overflows.
     """
-    leaves = _pack_small([x for x in leaves if x.size > 0])
-    acc = accumulation_dtype([x.dtype for x in leaves])
-    if not leaves:
+    across = Across(axis_name)
+    flags = list(replicated) if replicated is not None else [False] * len(leaves)
+    kept = [(x, r) for x, r in zip(leaves, flags) if x.size > 0]
+    stacked, _, stacked_flags, _ = _stack_alike(
+        [x for x, _ in kept], [None] * len(kept), [r for _, r in kept]
+    )
+    work = list(zip(stacked, stacked_flags))
+    acc = accumulation_dtype([x.dtype for x, _ in work])
+    if not work:
         return jnp.zeros((), acc), jnp.array(True)
 
+    def largest(sanitized: bool) -> Array:
+        return _combine_max(
+            [across.max(_max_abs(x, None, sanitized).astype(acc), r) for x, r in work]
+        )
+
     if p == math.inf:
-        raw = _combine_max([jnp.max(jnp.abs(x), initial=0).astype(acc) for x in leaves])
+        raw = largest(False)
         finite = jnp.isfinite(raw)
         if not sanitize:
             return raw, finite
-        norm = lax.cond(
-            finite,
-            lambda: raw,
-            lambda: _combine_max([_max_abs(x, None, True).astype(acc) for x in leaves]),
-        )
-        return norm, finite
+        return lax.cond(finite, lambda: raw, lambda: largest(True)), finite
 
     if p not in (1, 2):
-        per_leaf = slice_norms(leaves, p, [None] * len(leaves), sanitize=sanitize)
+        per_leaf = slice_norms(
+            [x for x, _ in work],
+            p,
+            [None] * len(work),
+            sanitize=sanitize,
+            axis_name=axis_name,
+            replicated=[r for _, r in work],
+        )
         norm = combine_norms([n.astype(acc) for n in per_leaf.norms], p)
         return norm, all_true(per_leaf.finite) & jnp.isfinite(norm)
 
-    total = sum(jnp.sum(_power(x, p, False)).astype(acc) for x in leaves)
+    total = sum(across.sum(jnp.sum(_power(x, p, False)).astype(acc), r) for x, r in work)
 
     def plain() -> tuple[Array, Array]:
         norm = _root(total, p)
@@ -186,15 +194,14 @@ def global_norm_and_finite(
     def rescue() -> tuple[Array, Array]:
         # A second look, rescaled by the largest magnitude: |x| / m <= 1, so
         # the sum neither overflows nor underflows.
-        raw_max = _combine_max([_max_abs(x, None, False).astype(acc) for x in leaves])
-        finite = jnp.isfinite(raw_max)
-        if sanitize:
-            m = _combine_max([_max_abs(x, None, True).astype(acc) for x in leaves])
-        else:
-            m = raw_max
-        parts = _rescaled(leaves, p, [m] * len(leaves), [None] * len(leaves), sanitize)
-        norm = lax.stop_gradient(m) * _root(sum(s.astype(acc) for s in parts), p)
-        return norm, finite & jnp.isfinite(norm)
+        raw_max = largest(False)
+        m = largest(True) if sanitize else raw_max
+        divisor = safe_divisor(m)
+        parts = [
+            across.sum(jnp.sum(_power(x, p, sanitize, divisor)).astype(acc), r) for x, r in work
+        ]
+        norm = lax.stop_gradient(m) * _root(sum(parts), p)
+        return norm, jnp.isfinite(raw_max) & jnp.isfinite(norm)
 
     return lax.cond(_needs_rescue(total, p, True), rescue, plain)
 
@@ -205,31 +212,30 @@ def all_true(flags: Sequence[Array]) -> Array:
 
 
 def combine_norms(norms: Sequence[Array], p: float) -> Array:
-    """The p-norm of all the values in ``norms`` (norms of disjoint parts of a tree)."""
-    flat = [jnp.ravel(n) for n in norms if n.size]
-    if not flat:
-        return jnp.zeros((), norms[0].dtype if norms else jnp.float32)
-    n = jnp.concatenate(flat)
-    if p == math.inf:
-        return jnp.max(n)
-    return _combine_norms(n, p)
+    """The p-norm of all the values in ``norms`` (norms of disjoint parts of a tree).
 
-
-def _combine_norms(n: Array, p: float) -> Array:
-    """The p-norm of a vector of per-leaf p-norms, as PyTorch's ``clip_grad_norm_``.
-
-    Direct (``(sum n^p)^(1/p)``) when that sum is in range, rescaled otherwise.
+    Works array by array, never concatenating, so the norms keep whatever
+    sharding they have. Direct (``(sum n^p)^(1/p)``, as PyTorch's
+    ``clip_grad_norm_`` combines per-tensor norms) when that sum is in range,
+    rescaled by the largest norm otherwise.
     """
-    if n.size == 1:
-        return n[0]
-    direct_sum = jnp.sum(n**p)
+    arrays = [n for n in norms if n.size]
+    if not arrays:
+        return jnp.zeros((), norms[0].dtype if norms else jnp.float32)
+    if p == math.inf:
+        return _combine_max([jnp.max(n) for n in arrays])
+    if sum(n.size for n in arrays) == 1:
+        return arrays[0].reshape(())
+    direct_sum = sum(jnp.sum(n**p) for n in arrays)
 
     def rescaled() -> Array:
-        m = lax.stop_gradient(jnp.max(n))
-        return m * _root(jnp.sum((n / safe_divisor(m)) ** p), p)
+        m = lax.stop_gradient(_combine_max([jnp.max(n) for n in arrays]))
+        divisor = safe_divisor(m)
+        return m * _root(sum(jnp.sum((n / divisor) ** p) for n in arrays), p)
 
-    in_range = jnp.isfinite(direct_sum) & (direct_sum >= _SMALLEST_SAFE_SUM[np.dtype(n.dtype)])
-    return lax.cond(in_range | jnp.isnan(direct_sum), lambda: _root(direct_sum, p), rescaled)
+    floor = _SMALLEST_SAFE_SUM[np.dtype(direct_sum.dtype)]
+    in_range = (jnp.isfinite(direct_sum) & (direct_sum >= floor)) | jnp.isnan(direct_sum)
+    return lax.cond(in_range, lambda: _root(direct_sum, p), rescaled)
 
 
 def _combine_max(values: Sequence[Array]) -> Array:
@@ -259,6 +265,8 @@ def slice_norms(
     *,
     sanitize: bool = False,
     rescue_tiny: bool = True,
+    axis_name: Any = None,
+    replicated: Sequence[bool] | None = None,
 ) -> SliceNorms:
     """Norms of each leaf, or of each slice along ``axes`` (kept as size-1 dims).
 
@@ -269,20 +277,26 @@ def slice_norms(
       sanitize: if True, non-finite elements count as zero.
       rescue_tiny: if False, sums that underflow are not recomputed (for callers
         whose result cannot depend on norms below ~1e-19).
+      axis_name: mapped axes the leaves are sharded over (see :class:`Across`);
+        each device must hold a piece of every unit.
+      replicated: per leaf, whether it is whole on every device (default: no).
 
     Returns:
       The norms and finiteness flags on the work arrays, and ``split``: applied
       to them (or to anything computed elementwise from them) it gives, per
       leaf, a scalar or an array broadcastable to the leaf.
     """
-    work, work_axes, split = _stack_alike(leaves, axes)
-    norms, finite = _slice_norms(work, p, work_axes, sanitize, rescue_tiny)
+    flags = list(replicated) if replicated is not None else [False] * len(leaves)
+    work, work_axes, work_flags, split = _stack_alike(leaves, axes, flags)
+    norms, finite = _slice_norms(
+        work, p, work_axes, sanitize, rescue_tiny, Across(axis_name), work_flags
+    )
     return SliceNorms(norms, finite, split)
 
 
 def per_leaf_count(leaves: Sequence[Array], predicate: Callable[[Array], Array]) -> list[Array]:
     """Per leaf, how many elements satisfy ``predicate`` (int32 scalars)."""
-    work, axes, split = _stack_alike(leaves, [None] * len(leaves))
+    work, axes, _, split = _stack_alike(leaves, [None] * len(leaves), [False] * len(leaves))
     counts = [
         jnp.sum(predicate(w), axis=a, keepdims=a is not None, dtype=jnp.int32)
         for w, a in zip(work, axes)
@@ -290,50 +304,72 @@ def per_leaf_count(leaves: Sequence[Array], predicate: Callable[[Array], Array])
     return split(counts)
 
 
+def _layout(x: Array) -> str | None:
+    """A key that equal-shaped leaves share when stacking them moves no data.
+
+    Leaves on one device, or with explicit shardings (compared by spec), can be
+    stacked freely. Under ``jit`` with automatic sharding the layout is not
+    known while tracing, so such leaves are left alone (None): stacking
+    differently sharded arrays would make XLA move them between devices.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or not getattr(mesh, "axis_names", ()) or mesh.size == 1:
+        return "local"
+    types = [str(t) for t in getattr(mesh, "axis_types", ())]
+    if not types or any("Auto" in t for t in types):
+        return None
+    return repr(getattr(sharding, "spec", None))
+
+
 def _stack_alike(
-    leaves: Sequence[Array], axes: Sequence[tuple[int, ...] | None]
-) -> tuple[list[Array], list[tuple[int, ...] | None], Any]:
-    """Stacks small leaves of equal shape, accumulation dtype and axes, to reduce as one.
+    leaves: Sequence[Array], axes: Sequence[tuple[int, ...] | None], replicated: Sequence[bool]
+) -> tuple[list[Array], list[tuple[int, ...] | None], list[bool], Any]:
+    """Stacks small leaves of equal shape, accumulation dtype, axes, replication and layout.
 
     The grouping depends only on those, so two trees of equal shapes (say,
     gradients and parameters) give work arrays of equal shapes.
 
-    Returns the arrays to reduce, their axes, and ``split``, which maps results
-    on those arrays back to one result per input leaf.
+    Returns the arrays to reduce, their axes, their replication flags, and
+    ``split``, which maps results on those arrays back to one per input leaf.
     """
     groups: dict[Any, list[int]] = {}
-    for i, (x, a) in enumerate(zip(leaves, axes)):
-        if 0 < x.size <= _PACK_LIMIT:
-            groups.setdefault((x.shape, _acc(x), a), []).append(i)
+    for i, (x, a, r) in enumerate(zip(leaves, axes, replicated)):
+        layout = _layout(x)
+        if 0 < x.size <= _PACK_LIMIT and layout is not None:
+            groups.setdefault((x.shape, _acc(x), a, r, layout), []).append(i)
     groups = {k: idx for k, idx in groups.items() if len(idx) > 1}
     if sum(len(idx) for idx in groups.values()) < _PACK_COUNT:
-        return list(leaves), list(axes), lambda results: list(results)
+        return list(leaves), list(axes), list(replicated), lambda results: list(results)
 
     work: list[Array] = []
     work_axes: list[tuple[int, ...] | None] = []
+    work_flags: list[bool] = []
     origins: list[tuple[list[int], str]] = []  # leaf indices; "leaf", "whole" or "slices"
-    for (shape, _, a), idx in groups.items():
+    for (shape, _, a, r, _), idx in groups.items():
         work.append(jnp.stack([leaves[i] for i in idx]))
         work_axes.append(tuple(range(1, len(shape) + 1)) if a is None else tuple(d + 1 for d in a))
+        work_flags.append(r)
         origins.append((idx, "whole" if a is None else "slices"))
     stacked = {i for idx in groups.values() for i in idx}
-    for i, (x, a) in enumerate(zip(leaves, axes)):
+    for i, (x, a, r) in enumerate(zip(leaves, axes, replicated)):
         if i not in stacked:
             work.append(x)
             work_axes.append(a)
+            work_flags.append(r)
             origins.append(([i], "leaf"))
 
     def split(results: Sequence[Array]) -> list[Array]:
         out: list[Any] = [None] * len(leaves)
-        for r, (idx, kind) in zip(results, origins):
+        for result, (idx, kind) in zip(results, origins):
             if kind == "leaf":
-                out[idx[0]] = r
+                out[idx[0]] = result
             else:
                 for j, i in enumerate(idx):
-                    out[i] = r[j].reshape(()) if kind == "whole" else r[j]
+                    out[i] = result[j].reshape(()) if kind == "whole" else result[j]
         return out
 
-    return work, work_axes, split
+    return work, work_axes, work_flags, split
 
 
 def _slice_norms(
@@ -342,23 +378,28 @@ def _slice_norms(
     axes: Sequence[tuple[int, ...] | None],
     sanitize: bool,
     rescue_tiny: bool,
+    across: Across,
+    replicated: Sequence[bool],
 ) -> tuple[list[Array], list[Array]]:
     if not leaves:
         return [], []
+    work = list(zip(leaves, axes, replicated))
+
+    def maxima(sanitized: bool) -> list[Array]:
+        return [across.max(_max_abs(x, a, sanitized), r) for x, a, r in work]
+
     if p == math.inf:
-        raw = [_max_abs(x, a, False) for x, a in zip(leaves, axes)]
+        raw = maxima(False)
         finite = [jnp.isfinite(m) for m in raw]
         if not sanitize:
             return raw, finite
-        norms = lax.cond(
-            all_true(finite),
-            lambda: raw,
-            lambda: [_max_abs(x, a, True) for x, a in zip(leaves, axes)],
-        )
-        return norms, finite
+        return lax.cond(all_true(finite), lambda: raw, lambda: maxima(True)), finite
+
+    def keep(a: Any) -> bool:
+        return a is not None
 
     sums = [
-        jnp.sum(_power(x, p, False), axis=a, keepdims=a is not None) for x, a in zip(leaves, axes)
+        across.sum(jnp.sum(_power(x, p, False), axis=a, keepdims=keep(a)), r) for x, a, r in work
     ]
     checks = [_needs_rescue(s, p, rescue_tiny) for s, x in zip(sums, leaves) if x.size > 0]
     need = jnp.any(jnp.stack(checks)) if checks else jnp.array(False)
@@ -368,10 +409,13 @@ def _slice_norms(
         return norms, [jnp.isfinite(n) for n in norms]
 
     def rescue() -> tuple[list[Array], list[Array]]:
-        raw_max = [_max_abs(x, a, False) for x, a in zip(leaves, axes)]
-        maxima = [_max_abs(x, a, True) for x, a in zip(leaves, axes)] if sanitize else raw_max
-        parts = _rescaled(leaves, p, maxima, axes, sanitize)
-        norms = [lax.stop_gradient(m) * _root(s, p) for m, s in zip(maxima, parts)]
+        raw_max = maxima(False)
+        scales = maxima(True) if sanitize else raw_max
+        norms = []
+        for (x, a, r), m in zip(work, scales):
+            powers = _power(x, p, sanitize, safe_divisor(m))
+            part = across.sum(jnp.sum(powers, axis=a, keepdims=keep(a)), r)
+            norms.append(lax.stop_gradient(m) * _root(part, p))
         finite = [jnp.isfinite(m) & jnp.isfinite(n) for m, n in zip(raw_max, norms)]
         return norms, finite
 

@@ -43,6 +43,7 @@ def _global_rule_clipper(
     rule: _rules.Rule,
     scale_fn: Callable[[Array, _rules.RuleStep], Array],
     policy: str,
+    where: _clip.Mapped,
 ) -> optax.GradientTransformation:
     """A global-norm clipper whose threshold comes from ``rule``."""
 
@@ -55,7 +56,7 @@ def _global_rule_clipper(
         updates: Any, state: AdaptiveClipState, params: Any = None
     ) -> tuple[Any, AdaptiveClipState]:
         del params
-        measured = _clip.measure(owner, updates, 2.0, policy)
+        measured = _clip.measure(owner, updates, 2.0, policy, where)
         step = rule.step(state.rule, measured.norm)
         scale = scale_fn(measured.norm, step)
         out = _clip.rescale(owner, updates, measured, scale, policy)
@@ -80,6 +81,8 @@ def autoclip(
     *,
     eps: Any = _TORCH_EPS,
     nonfinite: str = "propagate",
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformation:
     """AutoClip: clip to a percentile of the gradient norms seen so far.
 
@@ -103,6 +106,15 @@ def autoclip(
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such norms never enter the history.
 
+      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
+        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
+        of names, over which norms are summed, so that every device clips by the
+        norm of the whole gradient and adaptive states stay identical. Not needed
+        under ``jit`` with sharded arrays, nor for gradients already averaged
+        with ``pmean``.
+      replicated: with ``axis_name``, the leaves that are whole on every device
+        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
+        counted once.
     Returns:
       An ``optax.GradientTransformation`` with state
       :class:`AdaptiveClipState` (``rule``: an ``AutoClipState`` with the norm
@@ -127,11 +139,13 @@ def autoclip(
     history = _checks.check_static_int(owner, "history", history, 1)
     _checks.check_scalar(owner, "eps", eps, minimum=0.0)
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    where = _clip.mapped(owner, axis_name, replicated)
 
     def scale_fn(norm: Array, step: _rules.RuleStep) -> Array:
         return _apply.scale_for(norm, step.target.astype(norm.dtype), eps=eps)
 
-    return _global_rule_clipper(owner, _rules.autoclip_rule(percentile, history), scale_fn, policy)
+    rule = _rules.autoclip_rule(percentile, history)
+    return _global_rule_clipper(owner, rule, scale_fn, policy, where)
 
 
 def zclip(
@@ -146,6 +160,8 @@ def zclip(
     *,
     eps: Any = 1e-6,
     nonfinite: str = "propagate",
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformation:
     """ZClip: clip gradient-norm spikes detected by a z-score against EMA statistics.
 
@@ -178,6 +194,15 @@ def zclip(
         :func:`~jaxclip.clip_by_global_norm`; such steps leave the statistics
         unchanged.
 
+      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
+        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
+        of names, over which norms are summed, so that every device clips by the
+        norm of the whole gradient and adaptive states stay identical. Not needed
+        under ``jit`` with sharded arrays, nor for gradients already averaged
+        with ``pmean``.
+      replicated: with ``axis_name``, the leaves that are whole on every device
+        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
+        counted once.
     Returns:
       An ``optax.GradientTransformation`` with state
       :class:`AdaptiveClipState` (``rule``: a ``ZClipState`` with count, mean
@@ -215,6 +240,7 @@ def zclip(
         raise ValueError(f"{owner}: skip_update_on_spike must be a bool.")
     _checks.check_scalar(owner, "eps", eps, minimum=0.0)
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    where = _clip.mapped(owner, axis_name, replicated)
     rule = _rules.zclip_rule(
         alpha,
         z_thresh,
@@ -235,7 +261,7 @@ def zclip(
         adaptive = _apply.scale_for(norm, target, eps=_TORCH_EPS, eps_in_condition=False)
         return jnp.where(step.extra["warmup"] > 0, warmup, adaptive)
 
-    return _global_rule_clipper(owner, rule, scale_fn, policy)
+    return _global_rule_clipper(owner, rule, scale_fn, policy, where)
 
 
 def quantile_clip(
@@ -245,6 +271,8 @@ def quantile_clip(
     *,
     update: str = "geometric",
     nonfinite: str = "propagate",
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformation:
     """Quantile tracking: a threshold that follows a quantile of the norm stream.
 
@@ -268,6 +296,15 @@ def quantile_clip(
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such steps leave C unchanged.
 
+      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
+        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
+        of names, over which norms are summed, so that every device clips by the
+        norm of the whole gradient and adaptive states stay identical. Not needed
+        under ``jit`` with sharded arrays, nor for gradients already averaged
+        with ``pmean``.
+      replicated: with ``axis_name``, the leaves that are whole on every device
+        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
+        counted once.
     Returns:
       An ``optax.GradientTransformation`` with state
       :class:`AdaptiveClipState` (``rule``: a ``QuantileState`` holding C).
@@ -291,12 +328,13 @@ def quantile_clip(
     _checks.check_scalar(owner, "initial_threshold", initial_threshold, minimum=0.0)
     update_kind = _checks.check_choice(owner, "update", update, ("geometric", "arithmetic"))
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    where = _clip.mapped(owner, axis_name, replicated)
     rule = _rules.quantile_rule(target_quantile, learning_rate, initial_threshold, update_kind)
 
     def scale_fn(norm: Array, step: _rules.RuleStep) -> Array:
         return _apply.scale_for(norm, step.target.astype(norm.dtype))
 
-    return _global_rule_clipper(owner, rule, scale_fn, policy)
+    return _global_rule_clipper(owner, rule, scale_fn, policy, where)
 
 
 class AdaGCState(NamedTuple):
@@ -350,6 +388,8 @@ def adagc(
     scope: str = "leaf",
     layer_axis: int | Callable[[str, Array], int | None] | None = None,
     nonfinite: str = "propagate",
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformation:
     """AdaGC: a per-tensor threshold from an EMA of that tensor's clipped norms.
 
@@ -378,6 +418,15 @@ def adagc(
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such steps leave gamma unchanged.
 
+      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
+        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
+        of names, over which norms are summed, so that every device clips by the
+        norm of the whole gradient and adaptive states stay identical. Not needed
+        under ``jit`` with sharded arrays, nor for gradients already averaged
+        with ``pmean``.
+      replicated: with ``axis_name``, the leaves that are whole on every device
+        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
+        counted once.
     Returns:
       An ``optax.GradientTransformation`` with state :class:`AdaGCState`; it
       needs the parameters (or the gradient's shapes) at ``init``. ``stats``
@@ -414,6 +463,7 @@ def adagc(
     if layer_axis is not None and scope == "global":
         raise ValueError(f"{owner}: layer_axis applies to scope='leaf' only.")
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    where = _clip.mapped(owner, axis_name, replicated)
     extra_names = ("clipped_fraction", "gamma_min", "gamma_max", "warmup")
 
     def units_of(tree: Any, what: str) -> tuple[list[Any], list[Array], list[Any]]:
@@ -443,7 +493,7 @@ def adagc(
         limit = _rules.as_scalar(warmup_max_norm, dtype)
 
         if scope == "global":
-            measured = _clip.measure(owner, updates, 2.0, policy)
+            measured = _clip.measure(owner, updates, 2.0, policy, where)
             norm = measured.norm
             warmup_scale = _apply.scale_for(norm, limit.astype(norm.dtype), eps=eps)
             step = _rules.adagc_units(
@@ -455,7 +505,7 @@ def adagc(
             new_updates, clipped_fraction = out.updates, clipped.astype(dtype)
         else:
             paths, leaves, axes = units_of(updates, "updates")
-            units = _clip.measure_units(paths, leaves, 2.0, axes, policy)
+            units = _clip.measure_units(paths, leaves, 2.0, axes, policy, where=where, owner=owner)
             sizes = [n.size for n in units.norms]
             if sum(sizes) != state.gamma.shape[0]:
                 raise ValueError(

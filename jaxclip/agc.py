@@ -62,6 +62,8 @@ def agc(
     axis: int | Sequence[int] | None = None,
     exclude: Exclude = None,
     nonfinite: str = "propagate",
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformation:
     """Adaptive gradient clipping: each unit's gradient at most ``clipping`` times its weight.
 
@@ -86,6 +88,15 @@ def agc(
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`.
 
+      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
+        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
+        of names, over which norms are summed, so that every device clips by the
+        norm of the whole gradient and adaptive states stay identical. Not needed
+        under ``jit`` with sharded arrays, nor for gradients already averaged
+        with ``pmean``.
+      replicated: with ``axis_name``, the leaves that are whole on every device
+        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
+        counted once.
     Returns:
       An ``optax.GradientTransformation`` that needs ``params`` in ``update``.
       Its :class:`~jaxclip.ClipStats` has the global norm of the clipped leaves,
@@ -113,6 +124,7 @@ def agc(
     _checks.check_scalar(owner, "eps", eps, minimum=0.0)
     axis_t = _checks.check_axis(owner, axis)
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    where = _clip.mapped(owner, axis_name, replicated)
 
     def init_fn(params: Any) -> ClipStats:
         dtype = _clip.stats_dtype(params)
@@ -145,8 +157,17 @@ def agc(
             axes = _norms.normalize_axes(owner, paths, leaves, axis_t)
 
         # the decision cannot depend on norms below ~1e-19: the limit is >= clipping * eps
-        units = _clip.measure_units(paths, leaves, 2.0, axes, policy, rescue_tiny=False)
-        w_norms = _norms.slice_norms(weights, 2.0, axes, rescue_tiny=False).norms
+        units = _clip.measure_units(
+            paths, leaves, 2.0, axes, policy, rescue_tiny=False, where=where, owner=owner
+        )
+        w_norms = _norms.slice_norms(
+            weights,
+            2.0,
+            axes,
+            rescue_tiny=False,
+            axis_name=where.axis_name,
+            replicated=where.flags(owner, paths, weights),
+        ).norms
         dtype = state.norm.dtype
         scales, ratios = [], []
         for g_norm, w_norm in zip(units.norms, w_norms):

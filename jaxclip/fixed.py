@@ -26,6 +26,8 @@ def clip_by_global_norm(
     eps: Scalar = 0.0,
     min_norm: Threshold | None = None,
     nonfinite: str = "propagate",
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformation:
     """Rescales the whole gradient when its global norm exceeds ``max_norm``.
 
@@ -59,6 +61,15 @@ def clip_by_global_norm(
         step; note that ``"skip"`` still lets a following optimizer advance
         (e.g. AdamW's weight decay and moments).
 
+      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
+        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
+        of names, over which norms are summed, so that every device clips by the
+        norm of the whole gradient and adaptive states stay identical. Not needed
+        under ``jit`` with sharded arrays, nor for gradients already averaged
+        with ``pmean``.
+      replicated: with ``axis_name``, the leaves that are whole on every device
+        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
+        counted once.
     Returns:
       An ``optax.GradientTransformation`` whose state is a
       :class:`~jaxclip.ClipStats` (pre-clip norm, threshold, scale, ...).
@@ -90,6 +101,7 @@ def clip_by_global_norm(
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"{owner}: min_norm ({lo}) must be <= max_norm ({hi}).")
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    where = _clip.mapped(owner, axis_name, replicated)
 
     def init_fn(params: Any) -> ClipStats:
         dtype = _clip.stats_dtype(params)
@@ -97,7 +109,7 @@ def clip_by_global_norm(
 
     def update_fn(updates: Any, state: ClipStats, params: Any = None) -> tuple[Any, ClipStats]:
         del params
-        measured = _clip.measure(owner, updates, p, policy)
+        measured = _clip.measure(owner, updates, p, policy, where)
         threshold = _apply.as_threshold(max_norm, state.step, measured.norm.dtype)
         lower = None
         if min_norm is not None:
@@ -123,6 +135,8 @@ def clip_by_norm(
     ord: float | str | None = None,
     axis: int | Sequence[int] | None = None,
     nonfinite: str = "propagate",
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformation:
     """Clips the norm of each leaf (Keras ``clipnorm``), or of each slice along ``axis``.
 
@@ -142,6 +156,15 @@ def clip_by_norm(
         ``"zero"``: non-finite elements set to zero; ``"error"``: raise, naming
         the leaves. See :func:`clip_by_global_norm`.
 
+      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
+        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
+        of names, over which norms are summed, so that every device clips by the
+        norm of the whole gradient and adaptive states stay identical. Not needed
+        under ``jit`` with sharded arrays, nor for gradients already averaged
+        with ``pmean``.
+      replicated: with ``axis_name``, the leaves that are whole on every device
+        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
+        counted once.
     Returns:
       An ``optax.GradientTransformation``. Its :class:`~jaxclip.ClipStats`
       holds the global pre-clip norm, ``scale`` = global norm after / before,
@@ -164,6 +187,7 @@ def clip_by_norm(
     p = _checks.check_order(owner, ord)
     axis_t = _checks.check_axis(owner, axis)
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    where = _clip.mapped(owner, axis_name, replicated)
 
     def init_fn(params: Any) -> ClipStats:
         dtype = _clip.stats_dtype(params)
@@ -178,7 +202,7 @@ def clip_by_norm(
         flat = _checks.float_leaves(updates, owner)
         paths, leaves = [q for q, _ in flat], [x for _, x in flat]
         axes = _norms.normalize_axes(owner, paths, leaves, axis_t)
-        units = _clip.measure_units(paths, leaves, p, axes, policy)
+        units = _clip.measure_units(paths, leaves, p, axes, policy, where=where, owner=owner)
         threshold = _apply.as_threshold(max_norm, state.step, state.norm.dtype)
         scales = [_apply.scale_for(n, threshold.astype(n.dtype)) for n in units.norms]
         new_updates = _clip.rescale_units(owner, updates, units, scales, policy)
@@ -209,6 +233,9 @@ def _reduce(fn: Callable[..., Array], arrays: list[Array], dtype: Any, empty: fl
 def clip_by_value(
     max_value: Any,
     min_value: Any = None,
+    *,
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformation:
     """Clips each element to ``[min_value, max_value]`` (Keras ``clipvalue``).
 
@@ -222,6 +249,10 @@ def clip_by_value(
         infinite bound clips one side only.
       min_value: the lower bound, same forms; None (default) means
         ``-max_value``, which then must be >= 0.
+      axis_name: for a gradient sharded over mapped axes (``shard_map``,
+        ``pmap``): the axes over which the statistics' norms and counts are
+        summed. The clip itself is element-wise and needs no exchange.
+      replicated: with ``axis_name``, the leaves that are whole on every device.
 
     Returns:
       An ``optax.GradientTransformation``. Bounds are rounded to each leaf's
@@ -248,6 +279,7 @@ def clip_by_value(
     """
     owner = "jaxclip.clip_by_value"
     _check_bounds(owner, max_value, min_value)
+    where = _clip.mapped(owner, axis_name, replicated)
 
     def init_fn(params: Any) -> ClipStats:
         dtype = _clip.stats_dtype(params)
@@ -270,13 +302,24 @@ def clip_by_value(
         new_updates = _checks.replace_leaves(updates, paths, clipped_leaves)
         chex.assert_trees_all_equal_shapes_and_dtypes(new_updates, updates)
 
-        before, finite = _norms.global_norm_and_finite(leaves, 2.0)
-        after, _ = _norms.global_norm_and_finite(clipped_leaves, 2.0)
-        dtype = before.dtype
-        n_changed = _norms.count_true(
-            [(c != x) & ~jnp.isnan(x) for c, x in zip(clipped_leaves, leaves)]
+        flags = where.flags(owner, paths, leaves)
+        across = _norms.Across(where.axis_name)
+        before, finite = _norms.global_norm_and_finite(
+            leaves, 2.0, axis_name=where.axis_name, replicated=flags
         )
-        size = sum(x.size for x in leaves)
+        after, _ = _norms.global_norm_and_finite(
+            clipped_leaves, 2.0, axis_name=where.axis_name, replicated=flags
+        )
+        dtype = before.dtype
+        changed = [(c != x) & ~jnp.isnan(x) for c, x in zip(clipped_leaves, leaves)]
+        n_changed = sum(
+            across.sum(_norms.count_true([c for c, r in zip(changed, flags) if r == flag]), flag)
+            for flag in (False, True)
+        )
+        size = sum(
+            across.sum(jnp.asarray(sum(x.size for x, r in zip(leaves, flags) if r == flag)), flag)
+            for flag in (False, True)
+        )
         largest_bound = _largest_bound(max_value, min_value, dtype)
         scale = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
         stats = next_stats(
@@ -286,7 +329,7 @@ def clip_by_value(
             scale=scale,
             clipped=n_changed > 0,
             finite=finite,
-            extra={"clipped_fraction": n_changed / max(size, 1)},
+            extra={"clipped_fraction": n_changed / jnp.maximum(size, 1)},
         )
         return new_updates, stats
 

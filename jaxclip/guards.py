@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclip import _checks, _clip, _norms
+from jaxclip import _checks, _clip
 from jaxclip._stats import ClipStats, initial_stats, next_stats
 
 Array = jax.Array
@@ -48,6 +48,9 @@ def skip_on_spike(
     inner: optax.GradientTransformation,
     window: int = 128,
     factor: Any = 6.0,
+    *,
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips the whole step when the gradient norm or the loss spikes.
 
@@ -66,6 +69,11 @@ def skip_on_spike(
       window: the window length, a Python int >= 2 (static: it fixes the state's
         shape).
       factor: how many standard deviations above the mean count as a spike, > 0.
+      axis_name: for a gradient sharded over mapped axes (``shard_map``,
+        ``pmap``): the axes over which the norm is summed, so that every device
+        takes the same decision. The loss must then be the same on every device
+        (e.g. its ``pmean``).
+      replicated: with ``axis_name``, the leaves that are whole on every device.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call
@@ -92,6 +100,7 @@ def skip_on_spike(
     owner = "jaxclip.skip_on_spike"
     window = _checks.check_static_int(owner, "window", window, 2)
     _checks.check_scalar(owner, "factor", factor, minimum=0.0, strict=True)
+    where = _clip.mapped(owner, axis_name, replicated)
     inner = optax.with_extra_args_support(inner)
     extra_names = ("norm_mean", "norm_std", "loss_mean", "loss_std", "loss")
 
@@ -112,9 +121,8 @@ def skip_on_spike(
     ) -> tuple[Any, SkipOnSpikeState]:
         dtype = state.norms.dtype
         k = jnp.asarray(factor).astype(dtype)
-        leaves = [x for _, x in _checks.float_leaves(updates, owner)]
-        norm, norm_finite = _norms.global_norm_and_finite(leaves, 2.0)
-        norm = norm.astype(dtype)
+        measured = _clip.measure(owner, updates, 2.0, "propagate", where)
+        norm, norm_finite = measured.norm.astype(dtype), measured.finite
         norm_mean, norm_std, norm_valid = _window_stats(state.norms, state.norm_count)
         warm = norm_valid >= window // 2
         boundary = jnp.where(warm, norm_mean + k * norm_std, jnp.inf)
@@ -144,7 +152,12 @@ def skip_on_spike(
 
         def reject(_: None) -> tuple[Any, Any]:
             shapes = jax.eval_shape(take, None)[0]
-            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), state.inner
+            if jax.tree.structure(shapes) == jax.tree.structure(updates):
+                # zeros_like keeps the inputs' placement (e.g. shard_map's varying axes)
+                zeros = jax.tree.map(lambda u, s: jnp.zeros_like(u, s.dtype), updates, shapes)
+            else:
+                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            return zeros, state.inner
 
         # a branch: a skipped step does not run the inner update at all
         new_updates, new_inner = jax.lax.cond(~skip, take, reject, None)
