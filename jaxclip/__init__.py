@@ -25,6 +25,14 @@ from jaxclip.agc import agc
 from jaxclip.diagnostics import GradReport, diagnose
 from jaxclip.fixed import clip_by_global_norm, clip_by_norm, clip_by_value
 from jaxclip.guards import SkipOnSpikeState, skip_on_spike
+from jaxclip.per_example import (
+    ClippedSum,
+    PerExampleClipState,
+    clip_and_sum,
+    clipped_gradient_sum,
+    per_example_clip,
+    per_example_clip_norm,
+)
 
 __version__ = "0.1.0"
 
@@ -33,20 +41,26 @@ __all__ = [
     "AdaptiveClipState",
     "AutoClipState",
     "ClipStats",
+    "ClippedSum",
     "GradReport",
+    "PerExampleClipState",
     "QuantileState",
     "SkipOnSpikeState",
     "ZClipState",
     "adagc",
     "agc",
     "autoclip",
+    "clip_and_sum",
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",
+    "clipped_gradient_sum",
     "diagnose",
     "get_stats",
     "global_norm",
     "leaf_norms",
+    "per_example_clip",
+    "per_example_clip_norm",
     "quantile_clip",
     "skip_on_spike",
     "stats_dict",
