@@ -123,7 +123,7 @@ def raise_if_nonfinite(
     def flags() -> tuple[list[Array], list[Array]]:
         return [jnp.any(jnp.isnan(x)) for x in leaves], [jnp.any(jnp.isinf(x)) for x in leaves]
 
-    if not isinstance(step_finite, jax.core.Tracer):  # eager: raise here, plainly
+    if not _checks.is_traced(step_finite):  # eager: raise here, plainly
         if not bool(step_finite):
             report(*flags())
         return

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 NONFINITE_POLICIES = ("propagate", "skip", "zero", "error")
+
+
+def is_traced(value: Any) -> TypeGuard[Tracer]:
+    """Whether ``value`` is an abstract value inside a jax transformation."""
+    return isinstance(value, Tracer)
 
 
 def concrete_value(value: Any) -> float | None:
@@ -25,7 +31,7 @@ def concrete_value(value: Any) -> float | None:
         return float(value)
     if isinstance(value, (int, float)):
         return float(value)
-    if isinstance(value, jax.core.Tracer):
+    if is_traced(value):
         return None
     if isinstance(value, (np.ndarray, np.generic, jax.Array)):
         if np.ndim(value) != 0:
@@ -35,9 +41,7 @@ def concrete_value(value: Any) -> float | None:
 
 
 def _describe(value: Any) -> str:
-    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and not isinstance(
-        value, jax.core.Tracer
-    ):
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and not is_traced(value):
         return f"{np.asarray(value)!r}"
     return repr(value)
 
@@ -69,7 +73,7 @@ def check_scalar(
         raise TypeError(
             f"{owner}: {name} must be a real number or a scalar array, got {_describe(value)}."
         )
-    if isinstance(value, jax.core.Tracer):
+    if is_traced(value):
         if value.ndim != 0:
             raise ValueError(
                 f"{owner}: {name} must be a scalar, got an array of shape {value.shape}."
@@ -121,7 +125,7 @@ def check_order(owner: str, value: Any) -> float:
         if value.lower() in ("inf", "infinity"):
             return math.inf
         raise ValueError(f"{owner}: ord must be 1, 2, inf or a real number >= 1, got {value!r}.")
-    if isinstance(value, jax.core.Tracer):
+    if is_traced(value):
         raise ValueError(
             f"{owner}: ord must be a Python number, but it is traced. Under "
             "optax.inject_hyperparams pass static_args=('ord',), or leave ord at its "
@@ -140,7 +144,7 @@ def check_axis(owner: str, axis: Any) -> tuple[int, ...] | None:
     """Normalises ``axis`` (None, an int or a sequence of ints) to a tuple."""
     if axis is None:
         return None
-    if isinstance(axis, jax.core.Tracer):
+    if is_traced(axis):
         raise ValueError(
             f"{owner}: axis must be a Python int or tuple of ints, but it is traced. Under "
             "optax.inject_hyperparams pass static_args=('axis',)."

@@ -9,15 +9,32 @@ policies and statistics.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxclip import _apply, _checks, _norms
 
 Array = jax.Array
+State = TypeVar("State", bound=tuple)  # the clippers' states are NamedTuples
+
+
+def transformation(
+    init_fn: Callable[..., State], update_fn: Callable[..., tuple[Any, State]]
+) -> optax.GradientTransformation:
+    """An Optax transformation from functions typed with their own state class."""
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def transformation_with_extra_args(
+    init_fn: Callable[..., State], update_fn: Callable[..., tuple[Any, State]]
+) -> optax.GradientTransformationExtraArgs:
+    """The same, for an ``update_fn`` taking keyword arguments such as ``value=loss``."""
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class Mapped(NamedTuple):

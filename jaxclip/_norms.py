@@ -185,7 +185,7 @@ def global_norm_and_finite(
         norm = combine_norms([n.astype(acc) for n in per_leaf.norms], p)
         return norm, all_true(per_leaf.finite) & jnp.isfinite(norm)
 
-    total = sum(across.sum(jnp.sum(_power(x, p, False)).astype(acc), r) for x, r in work)
+    total = add_all([across.sum(jnp.sum(_power(x, p, False)).astype(acc), r) for x, r in work])
 
     def plain() -> tuple[Array, Array]:
         norm = _root(total, p)
@@ -200,10 +200,18 @@ def global_norm_and_finite(
         parts = [
             across.sum(jnp.sum(_power(x, p, sanitize, divisor)).astype(acc), r) for x, r in work
         ]
-        norm = lax.stop_gradient(m) * _root(sum(parts), p)
+        norm = lax.stop_gradient(m) * _root(add_all(parts), p)
         return norm, jnp.isfinite(raw_max) & jnp.isfinite(norm)
 
     return lax.cond(_needs_rescue(total, p, True), rescue, plain)
+
+
+def add_all(arrays: Sequence[Array]) -> Array:
+    """The sum of a non-empty sequence of arrays (typed, unlike ``sum``)."""
+    total = arrays[0]
+    for a in arrays[1:]:
+        total = total + a
+    return total
 
 
 def all_true(flags: Sequence[Array]) -> Array:
@@ -226,12 +234,12 @@ def combine_norms(norms: Sequence[Array], p: float) -> Array:
         return _combine_max([jnp.max(n) for n in arrays])
     if sum(n.size for n in arrays) == 1:
         return arrays[0].reshape(())
-    direct_sum = sum(jnp.sum(n**p) for n in arrays)
+    direct_sum = add_all([jnp.sum(n**p) for n in arrays])
 
     def rescaled() -> Array:
         m = lax.stop_gradient(_combine_max([jnp.max(n) for n in arrays]))
         divisor = safe_divisor(m)
-        return m * _root(sum(jnp.sum((n / divisor) ** p) for n in arrays), p)
+        return m * _root(add_all([jnp.sum((n / divisor) ** p) for n in arrays]), p)
 
     floor = _SMALLEST_SAFE_SUM[np.dtype(direct_sum.dtype)]
     in_range = (jnp.isfinite(direct_sum) & (direct_sum >= floor)) | jnp.isnan(direct_sum)

@@ -45,7 +45,7 @@ def as_scalar(value: Any, dtype: Any) -> Array:
 class AutoClipState(NamedTuple):
     history: Array  # float[H]: the latest H finite norms, in arrival order (a ring buffer)
     ordered: Array  # float[H]: the same norms sorted, then +inf padding
-    count: Array  # int32[]: finite norms seen so far
+    seen: Array  # int32[]: finite norms seen so far
 
 
 def linear_percentile(ordered: Array, valid: Array, percentile: Array) -> Array:
@@ -87,15 +87,15 @@ def autoclip_rule(percentile: Any, history: int) -> Rule:
         return AutoClipState(
             history=jnp.zeros((history,), dtype),
             ordered=jnp.full((history,), jnp.inf, dtype),
-            count=jnp.zeros((), jnp.int32),
+            seen=jnp.zeros((), jnp.int32),
         )
 
     def step(state: AutoClipState, norm: Array) -> RuleStep:
         n = norm.astype(state.history.dtype)
-        slot = state.count % history
+        slot = state.seen % history
         evicted = state.history[slot]
-        ordered = _sorted_replace(state.ordered, evicted, state.count >= history, n)
-        count = state.count + 1
+        ordered = _sorted_replace(state.ordered, evicted, state.seen >= history, n)
+        count = state.seen + 1
         threshold = linear_percentile(ordered, jnp.minimum(count, history), percentile)
         return RuleStep(
             target=threshold,
@@ -111,7 +111,7 @@ def autoclip_rule(percentile: Any, history: int) -> Rule:
 
 
 class ZClipState(NamedTuple):
-    count: Array  # int32[]: finite norms seen so far
+    seen: Array  # int32[]: finite norms seen so far
     mean: Array  # float[]: mean of the warmup norms, then their EMA
     var: Array  # float[]: population variance of the warmup norms, then its EMA
 
@@ -138,10 +138,10 @@ def zclip_rule(
         a, zt, cf, e = (as_scalar(v, dtype) for v in (alpha, z_thresh, clip_factor, eps))
         inf = jnp.full((), jnp.inf, dtype)
         cap = inf if max_norm is None else as_scalar(max_norm, dtype)
-        warming = state.count < jnp.asarray(warmup_steps)
+        warming = state.seen < jnp.asarray(warmup_steps)
 
         # warmup: running mean and population variance (Welford), clip only to the cap
-        k = (state.count + 1).astype(dtype)
+        k = (state.seen + 1).astype(dtype)
         warm_mean = state.mean + (n - state.mean) / k
         warm_var = state.var + ((n - state.mean) * (n - warm_mean) - state.var) / k
 
@@ -171,7 +171,7 @@ def zclip_rule(
         target = jnp.minimum(jnp.where(spike, c, inf), cap)
         boundary = jnp.where(warming, cap, jnp.minimum(boundary, cap))
         new_state = ZClipState(
-            count=state.count + 1,
+            seen=state.seen + 1,
             mean=jnp.where(warming, warm_mean, ema_mean),
             var=jnp.where(warming, warm_var, ema_var),
         )

@@ -72,7 +72,7 @@ def _global_rule_clipper(
         )
         return out.updates, AdaptiveClipState(_tree_where(keep, step.state, state.rule), stats)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _clip.transformation(init_fn, update_fn)
 
 
 def autoclip(
@@ -205,7 +205,7 @@ def zclip(
         counted once.
     Returns:
       An ``optax.GradientTransformation`` with state
-      :class:`AdaptiveClipState` (``rule``: a ``ZClipState`` with count, mean
+      :class:`AdaptiveClipState` (``rule``: a ``ZClipState`` with seen, mean
       and var). ``stats.threshold`` is the norm above which this step counts as
       a spike (the cap, or inf, during warmup); ``stats.extra`` holds the
       ``mean``, ``std``, ``z``, ``spike`` (0/1) and ``warmup`` (0/1).
@@ -227,8 +227,9 @@ def zclip(
     """
     owner = "jaxclip.zclip"
     _checks.check_scalar(owner, "alpha", alpha, minimum=0.0)
-    if _checks.concrete_value(alpha) is not None and _checks.concrete_value(alpha) >= 1:
-        raise ValueError(f"{owner}: alpha must be < 1, got {_checks.concrete_value(alpha)}.")
+    alpha_value = _checks.concrete_value(alpha)
+    if alpha_value is not None and alpha_value >= 1:
+        raise ValueError(f"{owner}: alpha must be < 1, got {alpha_value}.")
     _checks.check_scalar(owner, "z_thresh", z_thresh, minimum=0.0, strict=True)
     _checks.check_scalar(owner, "warmup_steps", warmup_steps, minimum=1)
     _checks.check_choice(owner, "mode", mode, ("zscore", "percentile"))
@@ -341,7 +342,7 @@ class AdaGCState(NamedTuple):
     """AdaGC's state: one gamma per unit, and the step count."""
 
     gamma: Array  # float[U]: per-unit EMA of clipped norms (U = 1 with scope="global")
-    count: Array  # int32[]: finite steps seen
+    seen: Array  # int32[]: finite steps seen
     stats: ClipStats
 
 
@@ -454,8 +455,9 @@ def adagc(
     owner = "jaxclip.adagc"
     _checks.check_scalar(owner, "lambda_rel", lambda_rel, minimum=0.0, strict=True)
     _checks.check_scalar(owner, "beta", beta, minimum=0.0)
-    if _checks.concrete_value(beta) is not None and _checks.concrete_value(beta) >= 1:
-        raise ValueError(f"{owner}: beta must be < 1, got {_checks.concrete_value(beta)}.")
+    beta_value = _checks.concrete_value(beta)
+    if beta_value is not None and beta_value >= 1:
+        raise ValueError(f"{owner}: beta must be < 1, got {beta_value}.")
     _checks.check_scalar(owner, "warmup_steps", warmup_steps, minimum=1)
     _checks.check_threshold(owner, "warmup_max_norm", warmup_max_norm)
     _checks.check_scalar(owner, "eps", eps, minimum=0.0)
@@ -481,15 +483,15 @@ def adagc(
         extra = {name: jnp.zeros((), dtype) for name in extra_names}
         return AdaGCState(
             gamma=jnp.zeros((n_units,), dtype),
-            count=jnp.zeros((), jnp.int32),
+            seen=jnp.zeros((), jnp.int32),
             stats=initial_stats(dtype, warmup_max_norm, extra=extra),
         )
 
     def update_fn(updates: Any, state: AdaGCState, params: Any = None) -> tuple[Any, AdaGCState]:
         del params
         dtype = state.gamma.dtype
-        warming = state.count < jnp.asarray(warmup_steps)
-        first = state.count == 0
+        warming = state.seen < jnp.asarray(warmup_steps)
+        first = state.seen == 0
         limit = _rules.as_scalar(warmup_max_norm, dtype)
 
         if scope == "global":
@@ -552,7 +554,7 @@ def adagc(
             finite=finite,
             extra=extra,
         )
-        count = state.count + finite.astype(jnp.int32)
+        count = state.seen + finite.astype(jnp.int32)
         return new_updates, AdaGCState(gamma, count, stats)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _clip.transformation(init_fn, update_fn)

@@ -192,4 +192,4 @@ def agc(
         )
         return new_updates, stats
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _clip.transformation(init_fn, update_fn)

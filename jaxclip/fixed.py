@@ -126,7 +126,7 @@ def clip_by_global_norm(
         )
         return out.updates, stats
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _clip.transformation(init_fn, update_fn)
 
 
 def clip_by_norm(
@@ -221,7 +221,7 @@ def clip_by_norm(
         )
         return new_updates, stats
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _clip.transformation(init_fn, update_fn)
 
 
 def _reduce(fn: Callable[..., Array], arrays: list[Array], dtype: Any, empty: float) -> Array:
@@ -327,13 +327,13 @@ def clip_by_value(
             norm=before,
             threshold=largest_bound,
             scale=scale,
-            clipped=n_changed > 0,
+            clipped=jnp.asarray(n_changed > 0),
             finite=finite,
             extra={"clipped_fraction": n_changed / jnp.maximum(size, 1)},
         )
         return new_updates, stats
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _clip.transformation(init_fn, update_fn)
 
 
 def _largest_bound(max_value: Any, min_value: Any, dtype: Any) -> Array:
@@ -371,7 +371,7 @@ def _readable_leaves(owner: str, name: str, bound: Any) -> list[np.ndarray]:
     """The leaves of a bound that can be read now, as NumPy arrays."""
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(bound)[0]:
-        if isinstance(leaf, jax.core.Tracer):
+        if _checks.is_traced(leaf):
             continue
         if isinstance(leaf, bool) or not isinstance(
             leaf, (int, float, np.ndarray, np.generic, jax.Array)

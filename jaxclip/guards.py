@@ -180,4 +180,4 @@ def skip_on_spike(
             new_inner, norms, losses, norm_count, loss_count, stats
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _clip.transformation_with_extra_args(init_fn, update_fn)

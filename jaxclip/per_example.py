@@ -30,7 +30,7 @@ class ClippedSum(NamedTuple):
     """Per-example gradients, clipped and summed: what DP-SGD adds noise to."""
 
     total: Any  # the sum of the clipped per-example gradients (the parameters' structure)
-    count: Array  # int32[]: examples summed
+    num_examples: Array  # int32[]: examples summed
     clipped: Array  # int32[]: examples whose norm exceeded the clip norm
     norm_sum: Array  # float32[]: sum of the per-example norms (for the mean)
     scale_sum: Array  # float32[]: sum of the per-example factors (for the mean)
@@ -109,7 +109,7 @@ def clip_and_sum(
     finite = jnp.all(jnp.isfinite(norms))
     return ClippedSum(
         total=total,
-        count=jnp.asarray(norms.shape[0], jnp.int32),
+        num_examples=jnp.asarray(norms.shape[0], jnp.int32),
         clipped=jnp.sum(norms > c, dtype=jnp.int32),
         norm_sum=jnp.sum(norms),
         scale_sum=jnp.sum(scales),
@@ -154,7 +154,7 @@ def clipped_gradient_sum(
       >>> batch = {"x": jnp.arange(8.0), "y": jnp.zeros(8)}
       >>> out = jaxclip.clipped_gradient_sum(jax.grad(loss), 1.0, batch, 1.0,
       ...                                    microbatch_size=4)
-      >>> int(out.count), int(out.clipped)
+      >>> int(out.num_examples), int(out.clipped)
       (8, 7)
     """
     owner = "jaxclip.clipped_gradient_sum"
@@ -187,7 +187,7 @@ def _add(a: ClippedSum | None, b: ClippedSum) -> ClippedSum:
         return b
     return ClippedSum(
         total=jax.tree.map(jnp.add, a.total, b.total),
-        count=a.count + b.count,
+        num_examples=a.num_examples + b.num_examples,
         clipped=a.clipped + b.clipped,
         norm_sum=a.norm_sum + b.norm_sum,
         scale_sum=a.scale_sum + b.scale_sum,
@@ -312,7 +312,7 @@ def per_example_clip(
                 nonfinite="zero" if policy == "zero" else "propagate",
             )
         c = clipped.clip_norm.astype(dtype)
-        count = clipped.count.astype(dtype)
+        count = clipped.num_examples.astype(dtype)
         key, sum_key, count_key = jax.random.split(state.key, 3)
 
         z = jnp.asarray(noise_multiplier).astype(dtype)
@@ -372,7 +372,7 @@ def per_example_clip(
         )
         return out, PerExampleClipState(new_c, key, stats)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _clip.transformation(init_fn, update_fn)
 
 
 def per_example_clip_norm(opt_state: Any) -> Array:

@@ -14,8 +14,8 @@ import numpy as np
 try:
     from matplotlib import pyplot as plt
     from matplotlib.figure import Figure
-except ImportError as error:  # without the extra
-    raise ImportError("jaxclip.plot needs matplotlib: pip install 'jaxclip[plot]'") from error
+except ImportError as _missing:  # without the extra
+    raise ImportError("jaxclip.plot needs matplotlib: pip install 'jaxclip[plot]'") from _missing
 
 
 def _axes(ax: Any, figsize: tuple[float, float]) -> tuple[Figure, Any]:
@@ -53,17 +53,17 @@ def norm_history(
       'log'
     """
     fig, ax = _axes(ax, (7, 3))
-    steps = np.arange(len(norm))
-    norm = np.asarray(norm, np.float64)
-    ax.plot(steps, np.where(np.isfinite(norm), norm, np.nan), lw=0.8, label="norm")
+    values = np.asarray(norm, np.float64)
+    steps = np.arange(len(values))
+    ax.plot(steps, np.where(np.isfinite(values), values, np.nan), lw=0.8, label="norm")
     if threshold is not None:
         t = np.asarray(threshold, np.float64)
         ax.plot(steps, np.where(np.isfinite(t), t, np.nan), lw=1.2, ls="--", label="threshold")
     if clipped is not None:
         mask = np.asarray(clipped, bool)
-        ax.plot(steps[mask], norm[mask], ".", ms=3, color="tab:red", label="clipped")
-    if not np.isfinite(norm).all():
-        for s in steps[~np.isfinite(norm)]:
+        ax.plot(steps[mask], values[mask], ".", ms=3, color="tab:red", label="clipped")
+    if not np.isfinite(values).all():
+        for s in steps[~np.isfinite(values)]:
             ax.axvline(s, color="black", alpha=0.3, lw=0.5)
     ax.set_yscale("log")
     ax.set_xlabel("step")

@@ -39,7 +39,7 @@ def test_clip_and_sum_matches_numpy(c):
     sums, norms, scales = np_clip_sum(grads, c)
     for got, want in zip(jax.tree.leaves(out.total), sums):
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
-    assert int(out.count) == 6 and int(out.clipped) == int(np.sum(norms > c))
+    assert int(out.num_examples) == 6 and int(out.clipped) == int(np.sum(norms > c))
     assert float(out.max_norm) == pytest.approx(norms.max(), rel=1e-6)
     assert float(out.scale_sum) == pytest.approx(scales.sum(), rel=1e-6)
 
@@ -160,7 +160,7 @@ def test_microbatches_give_the_same_sum():
             )
         )(params, batch)
         chex.assert_trees_all_close(part.total, whole.total, rtol=1e-5)
-        assert int(part.count) == 24 and int(part.clipped) == int(whole.clipped)
+        assert int(part.num_examples) == 24 and int(part.clipped) == int(whole.clipped)
     # the transform takes the microbatched sum in place of per-example gradients
     tx = jaxclip.per_example_clip(1.0)
     from_sum, _ = tx.update(part, tx.init(params))
