@@ -38,12 +38,13 @@ def tree_megabytes(tree: Any) -> float:
 
 
 def interleaved(
-    fns: dict[str, Callable[[], Any]], rounds: int = 20, warmup: int = 2
-) -> dict[str, dict[str, float]]:
+    fns: dict[str, Callable[[], Any]], rounds: int = 20, warmup: int = 2, keep_samples: bool = False
+) -> dict[str, dict[str, Any]]:
     """Times each zero-argument function in turn, round after round; medians in ms.
 
     Interleaving spreads slow drifts of the machine (frequency, other load)
-    over every contender instead of penalising whichever ran last.
+    over every contender instead of penalising whichever ran last. With
+    ``keep_samples`` each entry also holds every time measured (``samples_ms``).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -54,14 +55,16 @@ def interleaved(
             start = time.perf_counter()
             jax.block_until_ready(fn())
             samples[name].append((time.perf_counter() - start) * 1e3)
-    return {
-        name: {
+    out: dict[str, dict[str, Any]] = {}
+    for name, times in samples.items():
+        out[name] = {
             "median_ms": statistics.median(times),
             "min_ms": min(times),
             "iqr_ms": float(np.subtract(*np.percentile(times, [75, 25]))),
         }
-        for name, times in samples.items()
-    }
+        if keep_samples:
+            out[name]["samples_ms"] = times
+    return out
 
 
 def machine() -> dict[str, str]:

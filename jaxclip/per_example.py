@@ -349,7 +349,9 @@ def per_example_clip(
         if adaptive:
             below = count - clipped.clipped.astype(dtype)
             if noised:
-                below = below + jax.random.normal(count_key, (), dtype) * sigma_b
+                # z may be a traced zero (inject_hyperparams): then no noise either
+                count_noise = jax.random.normal(count_key, (), dtype) * sigma_b
+                below = below + jnp.where(z > 0, count_noise, 0.0)
             b = below / jnp.maximum(count, 1)
             eta = jnp.asarray(quantile_learning_rate).astype(dtype)
             gamma = jnp.asarray(target_quantile).astype(dtype)

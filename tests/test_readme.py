@@ -25,6 +25,53 @@ def test_quickstart_runs():
     assert float(stats.norm) > 1.0
 
 
+def _section_code(title):
+    section = README.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    namespace = {}
+    for block in re.findall(r"```python\n(.*?)```", section, re.S):
+        exec(compile(block, f"README: {title}", "exec"), namespace)
+    return namespace
+
+
+def test_adaptive_example_clips_the_spike():
+    ns = _section_code("Adaptive thresholds")
+    stats = ns["stats"]
+    assert float(stats.norm) == 40.0 and bool(stats.clipped)
+    assert 3.0 < float(stats.threshold) < 5.0  # ZClip: mean 4 + 2.5 * std 0 of the warm-up
+    assert {"mean", "std", "z"} <= set(stats.extra)
+
+
+def test_per_example_example_clips_every_example():
+    ns = _section_code("Per-example clipping (DP-SGD)")
+    assert float(jaxclip.get_stats(ns["opt_state"]).extra["clipped_fraction"]) == 1.0
+    assert ns["updates"]["w"].shape == (3,)  # the batch axis is gone
+
+
+def test_devices_example_finds_the_global_norm():
+    ns = _section_code("Across devices and hosts")
+    assert abs(float(ns["norm"]) - float(ns["jnp"].linalg.norm(ns["grads"]))) < 1e-4
+    assert float(ns["jnp"].linalg.norm(ns["clipped"])) <= 1.0 + 1e-5
+
+
+def test_diagnostics_example_names_the_bad_leaves():
+    report = _section_code("Diagnostics")["report"]
+    assert report.nonfinite() == ["head"] and report.vanishing() == ["bias"]
+
+
+def test_every_python_block_is_tested():
+    titles = re.findall(r"^## (.+)$", README, re.M)
+    with_code = [
+        t for t in titles if "```python" in README.split(f"## {t}\n", 1)[1].split("\n## ", 1)[0]
+    ]
+    assert with_code == [
+        "Quickstart",
+        "Adaptive thresholds",
+        "Per-example clipping (DP-SGD)",
+        "Across devices and hosts",
+        "Diagnostics",
+    ]
+
+
 def test_two_commands():
     assert _command("demo-command").endswith("python -m jaxclip demo")
     assert "[plot]" in _command("demo-command")  # the demo draws its picture
