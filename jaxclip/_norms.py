@@ -210,43 +210,6 @@ def global_norm_and_finite(
     return lax.cond(_needs_rescue(total, p, True), rescue, plain)
 
 
-def norm_of_mapped(
-    leaves: Sequence[Array],
-    fns: Sequence[Callable[[Array], Array]],
-    *,
-    axis_name: Any = None,
-    replicated: Sequence[bool] | None = None,
-) -> Array:
-    """The global L2 norm of ``[fn(x) for fn, x in zip(fns, leaves)]``, never stored.
-
-    Each ``fn`` (elementwise, e.g. a clamp) is recomputed inside the reductions,
-    so XLA fuses it there instead of writing its output for a later pass; the
-    rescue for overflow and underflow recomputes it too.
-    """
-    across = Across(axis_name)
-    flags = list(replicated) if replicated is not None else [False] * len(leaves)
-    work = [(fn, x, r) for fn, x, r in zip(fns, leaves, flags) if x.size > 0]
-    acc = accumulation_dtype([x.dtype for x in leaves])
-    if not work:
-        return jnp.zeros((), acc)
-
-    def sum_of_squares(divisor: Array | None) -> Array:
-        parts = []
-        for fn, x, r in work:
-            y = fn(x).astype(acc)
-            y = y if divisor is None else y / divisor
-            parts.append(across.sum(jnp.sum(y * y), r))
-        return add_all(parts)
-
-    total = sum_of_squares(None)
-
-    def rescue() -> Array:
-        m = _combine_max([across.max(jnp.max(jnp.abs(fn(x).astype(acc))), r) for fn, x, r in work])
-        return lax.stop_gradient(m) * _root(sum_of_squares(safe_divisor(m)), 2.0)
-
-    return lax.cond(_needs_rescue(total, 2.0, True), rescue, lambda: _root(total, 2.0))
-
-
 def add_all(arrays: Sequence[Array]) -> Array:
     """The sum of a non-empty sequence of arrays (typed, unlike ``sum``)."""
     total = arrays[0]

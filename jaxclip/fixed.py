@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -296,36 +295,32 @@ def clip_by_value(
             los = [-h for h in his]
         else:
             los = _bound_leaves(owner, "min_value", min_value, updates, paths, leaves)
-        clamps = [
-            functools.partial(jnp.clip, min=lo.astype(x.dtype), max=hi.astype(x.dtype))
+        clipped_leaves = [
+            jnp.clip(x, lo.astype(x.dtype), hi.astype(x.dtype))
             for x, lo, hi in zip(leaves, los, his)
         ]
-        new_updates = _checks.replace_leaves(
-            updates, paths, [clamp(x) for clamp, x in zip(clamps, leaves)]
-        )
+        new_updates = _checks.replace_leaves(updates, paths, clipped_leaves)
         chex.assert_trees_all_equal_shapes_and_dtypes(new_updates, updates)
 
-        # The statistics read the input only: each reduction recomputes the
-        # clamp, so the clipped gradient is never stored for them (in a jitted
-        # step it fuses into the optimizer's update instead).
+        # Small leaves of one shape are reduced together (see _norms): a tree of
+        # thousands of leaves then compiles in seconds.
         flags = where.flags(owner, paths, leaves)
         across = _norms.Across(where.axis_name)
         before, finite = _norms.global_norm_and_finite(
             leaves, 2.0, axis_name=where.axis_name, replicated=flags
         )
-        after = _norms.norm_of_mapped(leaves, clamps, axis_name=where.axis_name, replicated=flags)
-        dtype = before.dtype
-        # counted in float32: an int32 count of a mask does not fuse as well on CPU
-        n_changed = _norms.add_all(
-            [jnp.zeros((), dtype)]
-            + [
-                across.sum(jnp.sum(_outside(x, lo, hi).astype(dtype)), r)
-                for x, lo, hi, r in zip(leaves, los, his, flags)
-            ]
+        after, _ = _norms.global_norm_and_finite(
+            clipped_leaves, 2.0, axis_name=where.axis_name, replicated=flags
         )
-        size = _norms.add_all(
-            [jnp.zeros((), dtype)]
-            + [across.sum(jnp.asarray(x.size, dtype), r) for x, r in zip(leaves, flags)]
+        dtype = before.dtype
+        changed = [(c != x) & ~jnp.isnan(x) for c, x in zip(clipped_leaves, leaves)]
+        n_changed = sum(
+            across.sum(_norms.count_true([c for c, r in zip(changed, flags) if r == flag]), flag)
+            for flag in (False, True)
+        )
+        size = sum(
+            across.sum(jnp.asarray(sum(x.size for x, r in zip(leaves, flags) if r == flag)), flag)
+            for flag in (False, True)
         )
         largest_bound = _largest_bound(max_value, min_value, dtype)
         scale = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
@@ -341,11 +336,6 @@ def clip_by_value(
         return new_updates, stats
 
     return _clip.transformation(init_fn, update_fn)
-
-
-def _outside(x: Array, lo: Array, hi: Array) -> Array:
-    """Where the clamp changes ``x`` (NaN is never outside)."""
-    return (x < lo.astype(x.dtype)) | (x > hi.astype(x.dtype))
 
 
 def _largest_bound(max_value: Any, min_value: Any, dtype: Any) -> Array:
