@@ -52,7 +52,7 @@ def _acc(x: Array) -> np.dtype:
 
 def count_true(flags: Sequence[Array]) -> Array:
     """How many elements of the boolean arrays ``flags`` are True (int32)."""
-    work, _, _, _ = _stack_alike(flags, [None] * len(flags), [False] * len(flags))
+    work = _stack_alike(flags, [None] * len(flags), [False] * len(flags)).work
     return sum((jnp.sum(f, dtype=jnp.int32) for f in work), jnp.zeros((), jnp.int32))
 
 
@@ -157,10 +157,8 @@ def global_norm_and_finite(
     across = Across(axis_name)
     flags = list(replicated) if replicated is not None else [False] * len(leaves)
     kept = [(x, r) for x, r in zip(leaves, flags) if x.size > 0]
-    stacked, _, stacked_flags, _ = _stack_alike(
-        [x for x, _ in kept], [None] * len(kept), [r for _, r in kept]
-    )
-    work = list(zip(stacked, stacked_flags))
+    packed = _stack_alike([x for x, _ in kept], [None] * len(kept), [r for _, r in kept])
+    work = list(zip(packed.work, packed.flags))
     acc = accumulation_dtype([x.dtype for x, _ in work])
     if not work:
         return jnp.zeros((), acc), jnp.array(True)
@@ -299,21 +297,63 @@ def slice_norms(
       leaf, a scalar or an array broadcastable to the leaf.
     """
     flags = list(replicated) if replicated is not None else [False] * len(leaves)
-    work, work_axes, work_flags, split = _stack_alike(leaves, axes, flags)
+    packed = _stack_alike(leaves, axes, flags)
     norms, finite = _slice_norms(
-        work, p, work_axes, sanitize, rescue_tiny, Across(axis_name), work_flags
+        packed.work, p, packed.axes, sanitize, rescue_tiny, Across(axis_name), packed.flags
     )
-    return SliceNorms(norms, finite, split)
+    return SliceNorms(norms, finite, packed.split)
 
 
 def per_leaf_count(leaves: Sequence[Array], predicate: Callable[[Array], Array]) -> list[Array]:
     """Per leaf, how many elements satisfy ``predicate`` (int32 scalars)."""
-    work, axes, _, split = _stack_alike(leaves, [None] * len(leaves), [False] * len(leaves))
+    packed = _stack_alike(leaves, [None] * len(leaves), [False] * len(leaves))
     counts = [
         jnp.sum(predicate(w), axis=a, keepdims=a is not None, dtype=jnp.int32)
-        for w, a in zip(work, axes)
+        for w, a in zip(packed.work, packed.axes)
     ]
-    return split(counts)
+    return packed.split(counts)
+
+
+class Extremes(NamedTuple):
+    """The largest and smallest element of each work array (see :class:`Packed`).
+
+    ``tops`` and ``bottoms`` hold, per work array, a scalar (one leaf) or a
+    vector (a stack of leaves); ``gather`` lays out per-leaf scalars the same way.
+    """
+
+    tops: list[Array]
+    bottoms: list[Array]
+    gather: Callable[[Sequence[Array]], list[Array]]
+
+
+def leaf_extremes(
+    leaves: Sequence[Array],
+    *,
+    magnitude: bool = False,
+    axis_name: Any = None,
+    replicated: Sequence[bool] | None = None,
+) -> Extremes:
+    """Per leaf, its largest and smallest element, in the accumulation dtype.
+
+    With ``magnitude`` only ``max |x|`` is computed (one reduction instead of
+    two) and ``bottoms`` are its negation. NaN propagates. Small leaves of one
+    shape are reduced together; with ``axis_name`` the extremes are taken over
+    every device's piece. Leaves must not be empty.
+    """
+    across = Across(axis_name)
+    flags = list(replicated) if replicated is not None else [False] * len(leaves)
+    packed = _stack_alike(leaves, [None] * len(leaves), flags)
+    tops, bottoms = [], []
+    for w, a, r in zip(packed.work, packed.axes, packed.flags):
+        acc = _acc(w)  # extremes are exact in the leaf dtype; widen only the results
+        if magnitude:
+            top = across.max(jnp.max(jnp.abs(w), axis=a).astype(acc), r)
+            tops.append(top)
+            bottoms.append(-top)
+        else:
+            tops.append(across.max(jnp.max(w, axis=a).astype(acc), r))
+            bottoms.append(-across.max(-jnp.min(w, axis=a).astype(acc), r))
+    return Extremes(tops, bottoms, packed.gather)
 
 
 def _layout(x: Array) -> str | None:
@@ -334,16 +374,29 @@ def _layout(x: Array) -> str | None:
     return repr(getattr(sharding, "spec", None))
 
 
+class Packed(NamedTuple):
+    """Leaves regrouped for reduction by :func:`_stack_alike`.
+
+    ``work``: the arrays to reduce (a leaf, or a stack of small alike leaves),
+    with their ``axes`` and replication ``flags``; ``split`` maps one result
+    per work array back to one per leaf; ``gather`` maps one scalar per leaf
+    to one value per work array (a vector for a stack).
+    """
+
+    work: list[Array]
+    axes: list[tuple[int, ...] | None]
+    flags: list[bool]
+    split: Callable[[Sequence[Array]], list[Array]]
+    gather: Callable[[Sequence[Array]], list[Array]]
+
+
 def _stack_alike(
     leaves: Sequence[Array], axes: Sequence[tuple[int, ...] | None], replicated: Sequence[bool]
-) -> tuple[list[Array], list[tuple[int, ...] | None], list[bool], Any]:
+) -> Packed:
     """Stacks small leaves of equal shape, accumulation dtype, axes, replication and layout.
 
     The grouping depends only on those, so two trees of equal shapes (say,
     gradients and parameters) give work arrays of equal shapes.
-
-    Returns the arrays to reduce, their axes, their replication flags, and
-    ``split``, which maps results on those arrays back to one per input leaf.
     """
     groups: dict[Any, list[int]] = {}
     for i, (x, a, r) in enumerate(zip(leaves, axes, replicated)):
@@ -352,7 +405,7 @@ def _stack_alike(
             groups.setdefault((x.shape, _acc(x), a, r, layout), []).append(i)
     groups = {k: idx for k, idx in groups.items() if len(idx) > 1}
     if sum(len(idx) for idx in groups.values()) < _PACK_COUNT:
-        return list(leaves), list(axes), list(replicated), lambda results: list(results)
+        return Packed(list(leaves), list(axes), list(replicated), list, list)
 
     work: list[Array] = []
     work_axes: list[tuple[int, ...] | None] = []
@@ -381,7 +434,13 @@ def _stack_alike(
                     out[i] = result[j].reshape(()) if kind == "whole" else result[j]
         return out
 
-    return work, work_axes, work_flags, split
+    def gather(values: Sequence[Array]) -> list[Array]:
+        return [
+            values[idx[0]] if kind == "leaf" else jnp.stack([values[i] for i in idx])
+            for idx, kind in origins
+        ]
+
+    return Packed(work, work_axes, work_flags, split, gather)
 
 
 def _slice_norms(

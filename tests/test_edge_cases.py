@@ -14,6 +14,7 @@ CLIPPERS = {
     "global_norm": lambda: jaxclip.clip_by_global_norm(1.0),
     "norm": lambda: jaxclip.clip_by_norm(1.0),
     "value": lambda: jaxclip.clip_by_value(1.0),
+    "value_light": lambda: jaxclip.clip_by_value(1.0, statistics="light"),
 }
 MODES = {"jit": jax.jit, "eager": lambda f: f}
 
@@ -89,7 +90,7 @@ def test_float16_overflow_values(name, mode):
 
 
 @pytest.mark.parametrize(
-    "name", ["global_norm", pytest.param("norm", marks=pytest.mark.slow), "value"]
+    "name", ["global_norm", pytest.param("norm", marks=pytest.mark.slow), "value", "value_light"]
 )
 def test_two_thousand_bfloat16_leaves(name):
     leaves = [jnp.asarray([math.sqrt(0.1), -0.2], jnp.bfloat16) for _ in range(2000)]
@@ -100,8 +101,10 @@ def test_two_thousand_bfloat16_leaves(name):
         assert np_norm(out) == pytest.approx(1.0, rel=1e-2)
     elif name == "norm":
         np.testing.assert_array_equal(_f32(out[0]), _f32(leaves[0]))  # below 1: unchanged
-    else:
+    elif name == "value":
         assert float(stats.extra["clipped_fraction"]) == 0.0
+    else:
+        assert not bool(stats.clipped) and float(stats.scale) == 1.0
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -136,6 +139,7 @@ def test_zero_threshold(name, mode):
         "global_norm": jaxclip.clip_by_global_norm(0.0),
         "norm": jaxclip.clip_by_norm(0.0),
         "value": jaxclip.clip_by_value(0.0),
+        "value_light": jaxclip.clip_by_value(0.0, statistics="light"),
     }[name]
     for grads in ({"a": jnp.array([1.0, -2.0])}, {"a": jnp.zeros(2)}, {"a": jnp.full(2, 1e-30)}):
         out, stats = _run(name, grads, mode, tx)

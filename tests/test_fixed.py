@@ -443,6 +443,65 @@ class ClipByValueTest(chex.TestCase):
         assert bool(jnp.isnan(updates[3]))
         assert not bool(state.finite)
 
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_light_statistics_match_a_numpy_rule(self):
+        rng = np.random.default_rng(3)
+        grads = {
+            "w": jnp.asarray(rng.normal(size=(5, 4)) * 2, jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(7,)), jnp.bfloat16),
+        }
+        leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
+        for hi, lo in [(1.5, None), (1.5, -0.4), (50.0, None), (50.0, -40.0)]:
+            tx = jaxclip.clip_by_value(hi, min_value=lo, statistics="light")
+            updates, state = self.variant(tx.update)(grads, tx.init(None))
+            full_tx = jaxclip.clip_by_value(hi, min_value=lo)
+            full, _ = full_tx.update(grads, full_tx.init(None))
+            chex.assert_trees_all_equal(updates, full)  # the clip does not depend on the mode
+            lo_ = -hi if lo is None else lo
+            before = max(np.abs(x).max() for x in leaves)
+            after = max(np.abs(np.clip(x, lo_, hi)).max() for x in leaves)
+            outside = any(((x > hi) | (x < lo_)).any() for x in leaves)
+            assert float(state.extra["max_abs"]) == pytest.approx(before, rel=1e-7)
+            assert float(state.scale) == pytest.approx(after / before, rel=1e-6)
+            assert bool(state.clipped) == outside
+            assert int(state.clipped_steps) == int(outside)
+            assert float(state.norm) == pytest.approx(np_norm(leaves), rel=1e-6)
+            assert "clipped_fraction" not in state.extra
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_light_statistics_with_pytree_and_per_element_bounds(self):
+        # 20 small leaves of one shape are reduced together; "v" has per-element bounds.
+        rng = np.random.default_rng(4)
+        grads = {f"l{i:02d}": jnp.asarray(rng.normal(size=(3,)), jnp.float32) for i in range(20)}
+        grads["v"] = jnp.array([0.5, -2.0, 3.0])
+        hi = {k: 0.2 * (i + 1) for i, k in enumerate(sorted(grads))}
+        hi["v"] = jnp.array([0.4, 5.0, 5.0])
+        tx = jaxclip.clip_by_value(hi, min_value=-1.0, statistics="light")
+        updates, state = self.variant(tx.update)(grads, tx.init(None))
+        befores, afters, outside = [], [], False
+        for k, g in grads.items():
+            x, h = np.asarray(g, np.float32), np.asarray(hi[k], np.float32)  # bounds in f32
+            c = np.clip(x, np.float32(-1.0), h)
+            np.testing.assert_array_equal(np.asarray(updates[k]), c)
+            befores.append(np.abs(x).max())
+            afters.append(np.abs(c).max())
+            outside |= bool(((x > h) | (x < -1.0)).any())
+        assert float(state.extra["max_abs"]) == pytest.approx(max(befores), rel=1e-7)
+        assert float(state.scale) == pytest.approx(max(afters) / max(befores), rel=1e-6)
+        assert bool(state.clipped) == outside
+
+    def test_light_statistics_when_nothing_is_clipped_or_finite(self):
+        tx = jaxclip.clip_by_value(10.0, statistics="light")
+        _, state = tx.update(jnp.array([1.0, -2.0]), tx.init(None))
+        assert not bool(state.clipped) and float(state.scale) == 1.0
+        _, state = tx.update(jnp.zeros(3), tx.init(None))
+        assert float(state.scale) == 1.0 and float(state.extra["max_abs"]) == 0.0
+        updates, state = jax.jit(tx.update)(jnp.array([jnp.nan, 20.0]), tx.init(None))
+        assert bool(jnp.isnan(updates[0])) and float(updates[1]) == 10.0
+        assert not bool(state.finite)
+        _, state = tx.update({"empty": jnp.zeros((0,)), "x": jnp.array([12.0])}, tx.init(None))
+        assert bool(state.clipped) and float(state.scale) == pytest.approx(10.0 / 12.0)
+
     def test_bad_bounds(self):
         with pytest.raises(ValueError, match="max_value must be >= 0 when min_value is None"):
             jaxclip.clip_by_value(-0.5)
@@ -450,6 +509,8 @@ class ClipByValueTest(chex.TestCase):
             jaxclip.clip_by_value(1.0, min_value=2.0)
         with pytest.raises(ValueError, match="must not be NaN"):
             jaxclip.clip_by_value(float("nan"))
+        with pytest.raises(ValueError, match="statistics"):
+            jaxclip.clip_by_value(1.0, statistics="fast")
         with pytest.raises(ValueError, match=r"min_value must be <= max_value"):
             jaxclip.clip_by_value({"a": 1.0, "b": 0.0}, min_value={"a": 0.0, "b": 1.0})
         tx = jaxclip.clip_by_value({"a": 1.0})

@@ -74,6 +74,10 @@ def clippers(axis_name, replicated):
         "clip_by_norm": jaxclip.clip_by_norm(0.8, **kw),
         "clip_by_norm_columns": jaxclip.clip_by_norm(0.3, axis=0, **kw),
         "clip_by_value": jaxclip.clip_by_value(0.25, **kw),
+        "clip_by_value_light": jaxclip.clip_by_value(0.25, statistics="light", **kw),
+        "clip_by_value_light_asymmetric": jaxclip.clip_by_value(
+            0.25, min_value=-0.1, statistics="light", **kw
+        ),
         "autoclip": jaxclip.autoclip(30.0, history=16, **kw),
         "zclip": jaxclip.zclip(warmup_steps=3, **kw),
         "quantile_clip": jaxclip.quantile_clip(**kw),
