@@ -48,6 +48,12 @@ def scale_for(
     dtype = norm.dtype
     threshold = jnp.asarray(threshold, dtype)
     eps_value = _checks.concrete_value(eps)
+    if eps_value == 0.0 and min_norm is None:
+        # One division at the root (x / x == 1, NaN / NaN is NaN): XLA then computes
+        # per-unit scales once instead of inside every element they multiply.
+        over = norm > threshold
+        one = jnp.ones_like(norm)
+        return jnp.where(over, threshold, one) / jnp.where(over | jnp.isnan(norm), norm, one)
     safe_norm = jnp.where(norm > 0, norm, jnp.ones_like(norm))
     plain = threshold / safe_norm
     if eps_value == 0.0:

@@ -173,8 +173,10 @@ def agc(
         for g_norm, w_norm in zip(units.norms, w_norms):
             w_star = jnp.maximum(w_norm.astype(g_norm.dtype), jnp.asarray(eps, g_norm.dtype))
             limit = jnp.asarray(clipping, g_norm.dtype) * w_star
-            shrink = limit / jnp.maximum(g_norm, 1e-6)
-            scales.append(jnp.where(g_norm < limit, jnp.ones_like(g_norm), shrink))
+            # where(g_norm < limit, 1, limit / d) written as one division (d / d == 1):
+            # XLA then computes the scales once instead of inside every rescaled element
+            d = jnp.maximum(g_norm, 1e-6)
+            scales.append(jnp.where(g_norm < limit, d, limit) / d)
             ratios.append(jnp.max(g_norm / w_star).astype(dtype))
         new_updates = _clip.rescale_units(owner, updates, units, scales, policy)
         summary = _clip.summarize_units(units, scales, 2.0, policy)

@@ -365,6 +365,24 @@ class ClipByNormTest(chex.TestCase):
         assert float(state.extra["clipped_fraction"]) == pytest.approx(frac)
 
     @chex.variants(with_jit=True, without_jit=True)
+    def test_unit_edge_cases(self):
+        # columns: zero, below, exactly at, above the threshold, an infinite and a NaN entry
+        kernel = jnp.array(
+            [[0.0, 0.3, 3.0, 6.0, jnp.inf, jnp.nan], [0.0, 0.4, 4.0, 8.0, 1.0, 1.0]], jnp.float32
+        )
+        k = np.asarray(kernel, np.float64)
+        norms = np.sqrt((k**2).sum(axis=0))
+        for threshold in (0.0, 5.0, 1e30):
+            tx = jaxclip.clip_by_norm(threshold, axis=0)
+            updates, _ = self.variant(tx.update)(kernel, tx.init(None))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                # NaN > t is False, so a NaN column keeps its NaN; inf > t scales by 0
+                scale = np.where(norms > threshold, threshold / norms, 1.0)
+                scale = np.where(np.isnan(norms), np.nan, scale)
+                want = k * scale
+            np.testing.assert_allclose(updates, want, rtol=1e-6, err_msg=f"{threshold=}")
+
+    @chex.variants(with_jit=True, without_jit=True)
     def test_conv_units_and_other_orders(self):
         rng = np.random.default_rng(1)
         conv = jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)
