@@ -40,18 +40,24 @@ def tree_megabytes(tree: Any) -> float:
 def interleaved(
     fns: dict[str, Callable[[], Any]], rounds: int = 20, warmup: int = 2, keep_samples: bool = False
 ) -> dict[str, dict[str, Any]]:
-    """Times each zero-argument function in turn, round after round; medians in ms.
+    """Times each zero-argument function once per round, round after round; medians in ms.
 
     Interleaving spreads slow drifts of the machine (frequency, other load)
-    over every contender instead of penalising whichever ran last. With
+    over every contender instead of penalising whichever ran last, and a fresh
+    order each round keeps one contender from always running right after
+    another: a call that frees a lot of memory slows down the next one. With
     ``keep_samples`` each entry also holds every time measured (``samples_ms``).
     """
     for fn in fns.values():
         for _ in range(warmup):
             jax.block_until_ready(fn())
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    shuffle = np.random.default_rng(0).shuffle
     for _ in range(rounds):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name in order:
+            fn = fns[name]
             start = time.perf_counter()
             jax.block_until_ready(fn())
             samples[name].append((time.perf_counter() - start) * 1e3)

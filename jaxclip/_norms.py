@@ -50,29 +50,26 @@ def _acc(x: Array) -> np.dtype:
     return accumulation_dtype([x.dtype])
 
 
-def count_true(flags: Sequence[Array]) -> Array:
-    """How many elements of the boolean arrays ``flags`` are True (int32)."""
-    work = _stack_alike(flags, [None] * len(flags), [False] * len(flags)).work
-    return sum((jnp.sum(f, dtype=jnp.int32) for f in work), jnp.zeros((), jnp.int32))
-
-
-def _magnitude(x: Array, sanitize: bool) -> Array:
-    a = jnp.abs(x.astype(_acc(x)))
+def _magnitude(x: Array, sanitize: bool, dtype: Any = None) -> Array:
+    a = jnp.abs(x.astype(dtype or _acc(x)))
     if sanitize:
         a = jnp.where(jnp.isfinite(a), a, 0)
     return a
 
 
-def _power(x: Array, p: float, sanitize: bool, divisor: Array | None = None) -> Array:
-    """Elementwise ``(|x| / divisor)^p`` in the accumulation dtype."""
-    if x.dtype != _acc(x):
+def _power(
+    x: Array, p: float, sanitize: bool, divisor: Array | None = None, dtype: Any = None
+) -> Array:
+    """Elementwise ``(|x| / divisor)^p`` in ``dtype`` (default: x's accumulation dtype)."""
+    dtype = dtype or _acc(x)
+    if x.dtype != dtype:
         # Keeps the widening cast inside this reduction: otherwise XLA shares it
         # with the rescale that also reads x and writes a float32 copy of the tree.
         x = lax.optimization_barrier(x)
     if p == 2 and divisor is None and not sanitize:
-        xa = x.astype(_acc(x))
+        xa = x.astype(dtype)
         return xa * xa
-    a = _magnitude(x, sanitize)
+    a = _magnitude(x, sanitize, dtype)
     if divisor is not None:
         a = a / divisor
     if p == 1:
@@ -187,7 +184,9 @@ def global_norm_and_finite(
         norm = combine_norms([n.astype(acc) for n in per_leaf.norms], p)
         return norm, all_true(per_leaf.finite) & jnp.isfinite(norm)
 
-    total = add_all([across.sum(jnp.sum(_power(x, p, False)).astype(acc), r) for x, r in work])
+    # in the accumulation dtype of the whole tree: the squares of float32 leaves
+    # beside float64 ones must not underflow in float32
+    total = add_all([across.sum(jnp.sum(_power(x, p, False, dtype=acc)), r) for x, r in work])
 
     def plain() -> tuple[Array, Array]:
         norm = _root(total, p)
@@ -199,13 +198,77 @@ def global_norm_and_finite(
         raw_max = largest(False)
         m = largest(True) if sanitize else raw_max
         divisor = safe_divisor(m)
-        parts = [
-            across.sum(jnp.sum(_power(x, p, sanitize, divisor)).astype(acc), r) for x, r in work
-        ]
+        parts = [across.sum(jnp.sum(_power(x, p, sanitize, divisor, acc)), r) for x, r in work]
         norm = lax.stop_gradient(m) * _root(add_all(parts), p)
         return norm, jnp.isfinite(raw_max) & jnp.isfinite(norm)
 
     return lax.cond(_needs_rescue(total, p, True), rescue, plain)
+
+
+def norm_and_changes(
+    before: Sequence[Array],
+    transform: Callable[[Sequence[Array]], list[Array]],
+    *,
+    axis_name: Any = None,
+    replicated: Sequence[bool] | None = None,
+) -> tuple[Array, Array]:
+    """The global L2 norm of ``transform(before)``, and how many elements it changed.
+
+    ``transform`` maps the list of arrays to arrays of the same shapes,
+    elementwise; NaN elements of ``before`` never count as changed. Both
+    results come from one variadic reduction per work array, so each array is
+    read once: as separate reductions, XLA on CPU writes the mask (and often
+    the squares) to memory first, three passes more over the tree. The rescue
+    branch calls ``transform`` again rather than taking its results as
+    operands, which would make XLA write them to memory.
+
+    Returns:
+      ``(norm, count)``: a scalar of the accumulation dtype (rescued like
+      :func:`global_norm_and_finite` when the sum leaves its range) and int32.
+    """
+    across = Across(axis_name)
+    flags = list(replicated) if replicated is not None else [False] * len(before)
+    kept = [i for i, x in enumerate(before) if x.size > 0]
+    acc = accumulation_dtype([before[i].dtype for i in kept])
+    if not kept:
+        return jnp.zeros((), acc), jnp.zeros((), jnp.int32)
+    flags = [flags[i] for i in kept]
+    old = _stack_alike([before[i] for i in kept], [None] * len(kept), flags)
+    after = transform(before)
+    new = _stack_alike([after[i] for i in kept], [None] * len(kept), flags).work
+
+    partial: dict[bool, tuple[Array, Array]] = {}
+    for x, y, r in zip(old.work, new, old.flags):
+        sums = _squares_and_changes(x, y, acc)
+        partial[r] = _add_pairs(partial[r], sums) if r in partial else sums
+    total, count = jnp.zeros((), acc), jnp.zeros((), jnp.int32)
+    for r, (squares, changes) in partial.items():
+        total, count = total + across.sum(squares, r), count + across.sum(changes, r)
+
+    def rescue() -> Array:
+        norm, _ = global_norm_and_finite(
+            transform(before), 2.0, axis_name=axis_name, replicated=replicated
+        )
+        return norm
+
+    norm = lax.cond(_needs_rescue(total, 2.0, True), rescue, lambda: _root(total, 2.0))
+    return norm, count
+
+
+def _add_pairs(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, Array]:
+    return a[0] + b[0], a[1] + b[1]
+
+
+def _squares_and_changes(x: Array, y: Array, acc: Any) -> tuple[Array, Array]:
+    """``sum(y^2)`` in ``acc`` and the int32 count of ``y != x`` (NaN in x excluded)."""
+    wide = y.astype(acc)
+    changed = ((y != x) & ~jnp.isnan(x)).astype(jnp.int32)
+    if _layout(x) != "local":
+        # XLA's partitioner would gather the partial results of a variadic
+        # reduction across devices; two plain sums become scalar all-reduces.
+        return jnp.sum(wide * wide), jnp.sum(changed)
+    zeros = (jnp.zeros((), acc), jnp.zeros((), jnp.int32))
+    return lax.reduce((wide * wide, changed), zeros, _add_pairs, tuple(range(x.ndim)))
 
 
 def add_all(arrays: Sequence[Array]) -> Array:

@@ -462,6 +462,38 @@ class ClipByValueTest(chex.TestCase):
         assert not bool(state.finite)
 
     @chex.variants(with_jit=True, without_jit=True)
+    def test_full_statistics_match_a_numpy_rule(self):
+        # 20 small leaves of one shape are reduced together; NaN elements are
+        # never counted as clipped; a bound of 1e-30 underflows the sum of squares
+        # of the clipped tree in float32, so its norm comes from the rescue.
+        rng = np.random.default_rng(5)
+        grads = {f"l{i:02d}": jnp.asarray(rng.normal(size=(3,)), jnp.float32) for i in range(20)}
+        grads["w"] = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32).at[1, 2].set(jnp.nan)
+        grads["h"] = jnp.asarray(rng.normal(size=(9,)) * 3, jnp.bfloat16)
+        for hi, lo in [(0.7, None), (0.7, -0.1), (1e-30, None)]:
+            tx = jaxclip.clip_by_value(hi, min_value=lo)
+            updates, state = self.variant(tx.update)(grads, tx.init(None))
+            size, changed, after_sq = 0, 0, 0.0
+            for k, g in grads.items():
+                x = np.asarray(g, np.float64)
+                h = float(np.asarray(jnp.asarray(hi, g.dtype), np.float64))
+                lo_ = -h if lo is None else float(np.asarray(jnp.asarray(lo, g.dtype), np.float64))
+                c = np.clip(x, lo_, h)
+                np.testing.assert_array_equal(np.asarray(updates[k], np.float64), c)
+                size += x.size
+                changed += int(((x > h) | (x < lo_)).sum())
+                after_sq += float(np.nansum(c**2))
+            assert float(state.extra["clipped_fraction"]) == pytest.approx(changed / size)
+            assert bool(state.clipped)
+            # the NaN makes the pre-clip norm NaN, so compare the post-clip norm
+            # through a copy of the tree without it
+            clean = dict(grads, w=grads["w"].at[1, 2].set(0.0))
+            _, clean_state = self.variant(tx.update)(clean, tx.init(None))
+            after = float(clean_state.scale) * float(clean_state.norm)
+            assert after == pytest.approx(np.sqrt(after_sq), rel=1e-5, abs=0)
+            assert np.isnan(float(state.norm))
+
+    @chex.variants(with_jit=True, without_jit=True)
     def test_light_statistics_match_a_numpy_rule(self):
         rng = np.random.default_rng(3)
         grads = {

@@ -102,6 +102,17 @@ def test_float64_accumulates_in_float64():
         assert float(norm) == pytest.approx(math.sqrt(2) * 1e200, rel=1e-12)
         small = [jnp.array([1e-200, 1e-200], jnp.float64)]
         assert float(jaxclip.global_norm(small)) == pytest.approx(math.sqrt(2) * 1e-200, rel=1e-12)
+        # a float32 leaf beside a float64 one is squared in float64: (1e-20)^2 is
+        # below float32's range, and 1.1 squared in float32 would lose digits
+        for p in (1, 2):
+            tiny = [jnp.array([1e-20], jnp.float32), jnp.array([1e-18], jnp.float64)]
+            x32 = float(np.float32(1e-20))
+            expect = x32 + 1e-18 if p == 1 else math.sqrt(x32**2 + 1e-36)
+            assert float(jaxclip.global_norm(tiny, p)) == pytest.approx(expect, rel=1e-14)
+            mixed = [jnp.array([1.1], jnp.float32), jnp.array([1e-8], jnp.float64)]
+            x32 = float(np.float32(1.1))
+            expect = x32 + 1e-8 if p == 1 else math.sqrt(x32**2 + 1e-16)
+            assert float(jaxclip.global_norm(mixed, p)) == pytest.approx(expect, rel=1e-14)
 
 
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
