@@ -214,13 +214,15 @@ def norm_and_changes(
 ) -> tuple[Array, Array]:
     """The global L2 norm of ``transform(before)``, and how many elements it changed.
 
-    ``transform`` maps the list of arrays to arrays of the same shapes,
-    elementwise; NaN elements of ``before`` never count as changed. Both
-    results come from one variadic reduction per work array, so each array is
-    read once: as separate reductions, XLA on CPU writes the mask (and often
-    the squares) to memory first, three passes more over the tree. The rescue
-    branch calls ``transform`` again rather than taking its results as
-    operands, which would make XLA write them to memory.
+    ``transform`` maps a list of arrays to arrays of the same shapes,
+    elementwise. It is given ``before`` widened to the accumulation dtype and
+    must return what it would return for ``before``, widened (true of a clip
+    whose bounds are rounded to each leaf's dtype), so that the statistics read
+    the leaves alone, not the transformed tree, which XLA would then write to
+    memory. NaN elements of ``before`` never count as changed. Both results come
+    from one variadic reduction per work array, so each array is read once: as
+    separate reductions, XLA on CPU writes the mask (and often the squares) to
+    memory first, three passes more over the tree.
 
     Returns:
       ``(norm, count)``: a scalar of the accumulation dtype (rescued like
@@ -233,8 +235,9 @@ def norm_and_changes(
     if not kept:
         return jnp.zeros((), acc), jnp.zeros((), jnp.int32)
     flags = [flags[i] for i in kept]
-    old = _stack_alike([before[i] for i in kept], [None] * len(kept), flags)
-    after = transform(before)
+    wide = [x.astype(acc) for x in before]
+    old = _stack_alike([wide[i] for i in kept], [None] * len(kept), flags)
+    after = transform(wide)
     new = _stack_alike([after[i] for i in kept], [None] * len(kept), flags).work
 
     partial: dict[bool, tuple[Array, Array]] = {}
@@ -246,8 +249,11 @@ def norm_and_changes(
         total, count = total + across.sum(squares, r), count + across.sum(changes, r)
 
     def rescue() -> Array:
+        # widened again here: the branch's operands are then the leaves, already
+        # in memory, not a widened copy of the tree
+        rewide = [x.astype(acc) for x in before]
         norm, _ = global_norm_and_finite(
-            transform(before), 2.0, axis_name=axis_name, replicated=replicated
+            transform(rewide), 2.0, axis_name=axis_name, replicated=replicated
         )
         return norm
 
@@ -261,7 +267,7 @@ def _add_pairs(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, A
 
 def _squares_and_changes(x: Array, y: Array, acc: Any) -> tuple[Array, Array]:
     """``sum(y^2)`` in ``acc`` and the int32 count of ``y != x`` (NaN in x excluded)."""
-    wide = y.astype(acc)
+    wide = y.astype(acc)  # a no-op for the widened arrays of norm_and_changes
     changed = ((y != x) & ~jnp.isnan(x)).astype(jnp.int32)
     if _layout(x) != "local":
         # XLA's partitioner would gather the partial results of a variadic

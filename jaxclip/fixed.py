@@ -314,9 +314,12 @@ def clip_by_value(
             los = _bound_leaves(owner, "min_value", min_value, updates, paths, leaves)
 
         def clip(xs: Sequence[Array]) -> list[Array]:
+            # xs: the leaves, or the leaves widened; bounds rounded to the leaf dtype
             return [
-                jnp.clip(x, lo.astype(x.dtype), hi.astype(x.dtype))
-                for x, lo, hi in zip(xs, los, his)
+                jnp.clip(
+                    x, lo.astype(leaf.dtype).astype(x.dtype), hi.astype(leaf.dtype).astype(x.dtype)
+                )
+                for x, leaf, lo, hi in zip(xs, leaves, los, his)
             ]
 
         clipped_leaves = clip(leaves)

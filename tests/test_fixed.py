@@ -465,12 +465,14 @@ class ClipByValueTest(chex.TestCase):
     def test_full_statistics_match_a_numpy_rule(self):
         # 20 small leaves of one shape are reduced together; NaN elements are
         # never counted as clipped; a bound of 1e-30 underflows the sum of squares
-        # of the clipped tree in float32, so its norm comes from the rescue.
+        # of the clipped tree in float32, so its norm comes from the rescue. Bounds
+        # are rounded to each leaf's dtype, in the statistics as in the clip.
         rng = np.random.default_rng(5)
         grads = {f"l{i:02d}": jnp.asarray(rng.normal(size=(3,)), jnp.float32) for i in range(20)}
         grads["w"] = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32).at[1, 2].set(jnp.nan)
-        grads["h"] = jnp.asarray(rng.normal(size=(9,)) * 3, jnp.bfloat16)
-        for hi, lo in [(0.7, None), (0.7, -0.1), (1e-30, None)]:
+        # 0.702 rounds up to 0.703125 in bfloat16: that element of "h" is inside its bound
+        grads["h"] = jnp.asarray(rng.normal(size=(9,)) * 3, jnp.bfloat16).at[0].set(0.703125)
+        for hi, lo in [(0.7, None), (0.7, -0.1), (0.702, None), (1e-30, None)]:
             tx = jaxclip.clip_by_value(hi, min_value=lo)
             updates, state = self.variant(tx.update)(grads, tx.init(None))
             size, changed, after_sq = 0, 0, 0.0
