@@ -243,7 +243,16 @@ def free() -> None:
 
 
 # ---------------------------------------------------------------------------
-# Case 1 and the robust-norm case: standalone clip on one tree
+# Case 1, the robust-norm case and clip_by_value: standalone clips of one tree
+
+VALUE_BOUND = 0.02  # the trees' elements have standard deviation 0.02: about a third clipped
+VALUE_CLIPPERS = {
+    "jaxclip.clip_by_value": jaxclip.clip_by_value(VALUE_BOUND),
+    "jaxclip.clip_by_value(statistics='light')": jaxclip.clip_by_value(
+        VALUE_BOUND, statistics="light"
+    ),
+    "optax.clip": optax.clip(VALUE_BOUND),
+}
 
 
 def clip_case(spec: Tree, rounds: int, torch: Any) -> dict[str, Any]:
@@ -293,6 +302,13 @@ def clip_case(spec: Tree, rounds: int, torch: Any) -> dict[str, Any]:
     )
     for t in norms.values():
         t["gb_per_s"] = gb_per_s(nbytes, t["median_ms"])
+
+    # element-wise clips: jaxclip with either statistics, and Optax's (which records none)
+    values = {}
+    for name, tx in VALUE_CLIPPERS.items():
+        update, state = jax.jit(tx.update), tx.init(tree)
+        values[name] = lambda update=update, state=state: update(tree, state)
+    value_times = interleaved(values, rounds=rounds, keep_samples=True)
     return {
         "label": label,
         "tree": spec.__dict__,
@@ -308,6 +324,7 @@ def clip_case(spec: Tree, rounds: int, torch: Any) -> dict[str, Any]:
         "torch_over_jaxclip": ratio(med.get("torch"), med["jaxclip"]),
         "torch_over_jaxclip_donated": ratio(med.get("torch"), med["jaxclip donated"]),
         "norm_times": norms,
+        "value_times": value_times,
         "robust_over_naive": norms["jaxclip.global_norm"]["median_ms"]
         / norms["naive"]["median_ms"],
     }
@@ -746,6 +763,29 @@ def markdown(results: dict[str, Any]) -> str:
         for name, t in pe["times"].items()
     ]
     lines += table(["", "ms", "GB/s", "vs Optax"], rows)
+
+    if all("value_times" in c for c in results["clip"]):
+        lines += ["", "### Standalone clip_by_value", ""]
+        lines += [
+            f"One jitted element-wise clip to [-{VALUE_BOUND}, {VALUE_BOUND}] (about a third "
+            "of the elements clipped), its input not donated. jaxclip also records its "
+            "statistics (by default the norms before and after and the fraction clipped); "
+            "`optax.clip` records none.",
+            "",
+        ]
+        names = list(VALUE_CLIPPERS)
+        rows = []
+        for c in results["clip"]:
+            t = c["value_times"]
+            base = t["optax.clip"]["median_ms"]
+            rows.append(
+                [c["label"]]
+                + [fmt_ms(t[name]) for name in names]
+                + [fmt_x(t[name]["median_ms"] / base) for name in names[:2]]
+            )
+        header = ["tree", "jaxclip ms", "jaxclip light ms", "optax.clip ms"]
+        header += ["jaxclip / optax.clip", "light / optax.clip"]
+        lines += table(header, rows)
 
     lines += ["", "### Robust global norm", ""]
     lines += [

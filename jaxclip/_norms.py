@@ -415,6 +415,12 @@ def leaf_extremes(
     tops, bottoms = [], []
     for w, a, r in zip(packed.work, packed.axes, packed.flags):
         acc = _acc(w)  # extremes are exact in the leaf dtype; widen only the results
+        if w.dtype != acc:
+            # XLA on CPU computes a bfloat16 max in float32. A barrier keeps that
+            # widening inside this reduction, not shared with the clip or the norm,
+            # which would write a float32 copy of the leaf to memory; the int8 tells
+            # it apart from the norm's barrier, which XLA would merge it with.
+            w = lax.optimization_barrier((w, jnp.zeros((), jnp.int8)))[0]
         if magnitude:
             top = across.max(jnp.max(jnp.abs(w), axis=a).astype(acc), r)
             tops.append(top)
