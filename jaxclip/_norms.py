@@ -242,7 +242,7 @@ def norm_and_changes(
 
     partial: dict[bool, tuple[Array, Array]] = {}
     for x, y, r in zip(old.work, new, old.flags):
-        sums = _squares_and_changes(x, y, acc)
+        sums = _squares_and_changes(x, y)
         partial[r] = _add_pairs(partial[r], sums) if r in partial else sums
     total, count = jnp.zeros((), acc), jnp.zeros((), jnp.int32)
     for r, (squares, changes) in partial.items():
@@ -265,16 +265,15 @@ def _add_pairs(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, A
     return a[0] + b[0], a[1] + b[1]
 
 
-def _squares_and_changes(x: Array, y: Array, acc: Any) -> tuple[Array, Array]:
-    """``sum(y^2)`` in ``acc`` and the int32 count of ``y != x`` (NaN in x excluded)."""
-    wide = y.astype(acc)  # a no-op for the widened arrays of norm_and_changes
+def _squares_and_changes(x: Array, y: Array) -> tuple[Array, Array]:
+    """``sum(y^2)`` and the int32 count of ``y != x`` (NaN elements of x not counted)."""
     changed = ((y != x) & ~jnp.isnan(x)).astype(jnp.int32)
     if _layout(x) != "local":
         # XLA's partitioner would gather the partial results of a variadic
         # reduction across devices; two plain sums become scalar all-reduces.
-        return jnp.sum(wide * wide), jnp.sum(changed)
-    zeros = (jnp.zeros((), acc), jnp.zeros((), jnp.int32))
-    return lax.reduce((wide * wide, changed), zeros, _add_pairs, tuple(range(x.ndim)))
+        return jnp.sum(y * y), jnp.sum(changed, dtype=jnp.int32)
+    zeros = (jnp.zeros((), y.dtype), jnp.zeros((), jnp.int32))
+    return lax.reduce((y * y, changed), zeros, _add_pairs, tuple(range(x.ndim)))
 
 
 def add_all(arrays: Sequence[Array]) -> Array:
