@@ -51,7 +51,7 @@ def _acc(x: Array) -> np.dtype:
 
 
 def _magnitude(x: Array, sanitize: bool, dtype: Any = None) -> Array:
-    a = jnp.abs(x.astype(dtype or _acc(x)))
+    a = jnp.abs(x.astype(_acc(x) if dtype is None else dtype))
     if sanitize:
         a = jnp.where(jnp.isfinite(a), a, 0)
     return a
@@ -61,7 +61,7 @@ def _power(
     x: Array, p: float, sanitize: bool, divisor: Array | None = None, dtype: Any = None
 ) -> Array:
     """Elementwise ``(|x| / divisor)^p`` in ``dtype`` (default: x's accumulation dtype)."""
-    dtype = dtype or _acc(x)
+    dtype = _acc(x) if dtype is None else dtype
     if x.dtype != dtype:
         # Keeps the widening cast inside this reduction: otherwise XLA shares it
         # with the rescale that also reads x and writes a float32 copy of the tree.

@@ -312,14 +312,15 @@ def clip_by_value(
             los = [-h for h in his]
         else:
             los = _bound_leaves(owner, "min_value", min_value, updates, paths, leaves)
+        # rounded to each leaf's dtype once, for the clip and the statistics alike
+        los = [lo.astype(x.dtype) for lo, x in zip(los, leaves)]
+        his = [hi.astype(x.dtype) for hi, x in zip(his, leaves)]
 
         def clip(xs: Sequence[Array]) -> list[Array]:
-            # xs: the leaves, or the leaves widened; bounds rounded to the leaf dtype
+            # xs: the leaves, or the leaves widened (exact: the bounds are rounded)
             return [
-                jnp.clip(
-                    x, lo.astype(leaf.dtype).astype(x.dtype), hi.astype(leaf.dtype).astype(x.dtype)
-                )
-                for x, leaf, lo, hi in zip(xs, leaves, los, his)
+                jnp.clip(x, lo.astype(x.dtype), hi.astype(x.dtype))
+                for x, lo, hi in zip(xs, los, his)
             ]
 
         clipped_leaves = clip(leaves)

@@ -542,6 +542,15 @@ class ClipByValueTest(chex.TestCase):
         assert float(state.scale) == pytest.approx(max(afters) / max(befores), rel=1e-6)
         assert bool(state.clipped) == outside
 
+    def test_light_statistics_use_the_rounded_bound(self):
+        # 0.702 rounds up to 0.703125 in bfloat16: no element of this leaf is clipped
+        g = jnp.array([0.703125, -0.1], jnp.bfloat16)
+        tx = jaxclip.clip_by_value(0.702, statistics="light")
+        updates, state = jax.jit(tx.update)(g, tx.init(None))
+        np.testing.assert_array_equal(np.asarray(updates, np.float32), np.asarray(g, np.float32))
+        assert not bool(state.clipped)
+        assert float(state.scale) == 1.0
+
     def test_light_statistics_when_nothing_is_clipped_or_finite(self):
         tx = jaxclip.clip_by_value(10.0, statistics="light")
         _, state = tx.update(jnp.array([1.0, -2.0]), tx.init(None))
