@@ -609,7 +609,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 text += f" ({peer} {steps[peer]['over_fixed_clip']:.2f}x)"
     worst = max(r for _, r in adaptive)
     add("adaptive clippers <= 1.05x the fixed clip", "adaptive", worst, text)
-    worst_clip("torch_over_jaxclip", ">= 2.5x faster than PyTorch foreach", "torch")
+    # PyTorch scales in place: judged against the clip with its input donated, also in place
+    worst_clip("torch_over_jaxclip_donated", ">= 2.5x faster than PyTorch foreach", "torch")
+    if rows[-1]["value"] is not None:
+        copying = min(c["torch_over_jaxclip"] for c in clips if c["torch_over_jaxclip"])
+        rows[-1]["measured"] += f", in place; {copying:.2f}x with a fresh output"
 
     most = max(row["leaves"] for row in results["compile"])
     rows_most = [row for row in results["compile"] if row["leaves"] == most]
@@ -737,8 +741,8 @@ def markdown(results: dict[str, Any]) -> str:
                 fmt_ms(t["jaxclip"]),
                 fmt_ms(t["jaxclip donated"]),
                 f"{t['torch']['gb_per_s']:.1f}",
-                fmt_x(c["torch_over_jaxclip"], LIMITS["torch"], at_least=True),
-                fmt_x(c["torch_over_jaxclip_donated"]),
+                fmt_x(c["torch_over_jaxclip"]),
+                fmt_x(c["torch_over_jaxclip_donated"], LIMITS["torch"], at_least=True),
             ]
         )
     header = ["tree", "PyTorch ms", "jaxclip ms", "jaxclip donated ms", "PyTorch GB/s"]
