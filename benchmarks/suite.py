@@ -50,6 +50,37 @@ LIMITS = {
 }
 
 
+# Peak memory bandwidth in GB/s from the vendors' data sheets, by the start of JAX's
+# device_kind; --peak-gbps gives it for any other device.
+PEAK_GBPS = {
+    "NVIDIA H200": 4800,
+    "NVIDIA H100 80GB HBM3": 3350,  # SXM
+    "NVIDIA H100 PCIe": 2000,
+    "NVIDIA A100-SXM4-80GB": 2039,
+    "NVIDIA A100-SXM4-40GB": 1555,
+    "NVIDIA A100 80GB PCIe": 1935,
+    "NVIDIA A100-PCIE-40GB": 1555,
+    "NVIDIA L4": 300,
+    "NVIDIA A10G": 600,
+    "Tesla V100-SXM2": 900,
+    "Tesla T4": 320,
+}
+
+
+def on_accelerator() -> bool:
+    return jax.devices()[0].platform != "cpu"
+
+
+def peak_gbps(device_kind: str, given: float | None) -> float | None:
+    """The device's peak memory bandwidth: ``given``, else from PEAK_GBPS, else None."""
+    if given is not None:
+        return given
+    for kind, gbps in PEAK_GBPS.items():
+        if device_kind.startswith(kind):
+            return float(gbps)
+    return None
+
+
 # ---------------------------------------------------------------------------
 # What to run
 
@@ -166,9 +197,14 @@ def load_torch() -> Any:
     return torch
 
 
-def machine_info(torch: Any, command: str) -> dict[str, Any]:
+def machine_info(torch: Any, command: str, given_peak: float | None) -> dict[str, Any]:
     device = jax.devices()[0]
     return {
+        "accelerator": device.device_kind if device.platform != "cpu" else None,
+        "peak_gbps": peak_gbps(device.device_kind, given_peak)
+        if device.platform != "cpu"
+        else None,
+        "torch_device": torch_device(torch),
         "cpu": cpu_model(),
         "cores": cores(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
@@ -206,19 +242,30 @@ def naive_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def torch_device(torch: Any) -> str | None:
+    """Where PyTorch runs: on the GPU when JAX does and PyTorch can, else on the CPU."""
+    if torch is None:
+        return None
+    gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+    return "cuda" if gpu else "cpu"
+
+
 def torch_clipper(torch: Any, tree: Any) -> Any:
     """``clip_grad_norm_(foreach=True)`` on PyTorch copies of ``tree``'s leaves."""
     dtype = getattr(torch, str(jax.tree.leaves(tree)[0].dtype))
+    device = torch_device(torch)
     params = []
     for x in jax.tree.leaves(tree):
         # a private float32 copy (the JAX buffer must not be scaled in place)
-        grad = torch.from_numpy(np.array(x, dtype=np.float32)).to(dtype)
-        param = torch.nn.Parameter(torch.empty(grad.shape, dtype=dtype))  # never touched
-        param.grad = grad
+        grad = torch.from_numpy(np.array(x, dtype=np.float32)).to(device=device, dtype=dtype)
+        param = torch.nn.Parameter(torch.empty(grad.shape, dtype=dtype, device=device))
+        param.grad = grad  # the parameter itself is never touched
         params.append(param)
 
     def run() -> None:
         torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True)
+        if device == "cuda":  # PyTorch launches asynchronously, as JAX does
+            torch.cuda.synchronize()
 
     return run
 
@@ -388,6 +435,8 @@ def fresh_megabytes(run: Any, calls: int = 3) -> float | None:
     gradient-sized temporary in a real training step may reuse pages the
     backward pass touched). None where the platform does not count faults.
     """
+    if on_accelerator():  # page faults count host memory only
+        return None
     try:
         import resource
     except ImportError:  # not a Unix
@@ -470,7 +519,9 @@ def compile_one(impl: str, n_leaves: int, dtype: str, timeout_s: int) -> dict[st
     cmd = [sys.executable, __file__, "--compile-child", impl, str(n_leaves), dtype]
     print(f"[compile] {impl}, {n_leaves} {dtype} leaves (limit {timeout_s} s)", flush=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        # a child on a GPU must not try to preallocate memory this process holds
+        env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return {"timeout_s": timeout_s}
     if proc.returncode:
@@ -674,8 +725,15 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
+    host = f"{m['cpu']} ({m['cores']} cores, {m['memory_gb']} GB"
+    if m.get("accelerator"):
+        peak = m.get("peak_gbps")
+        where = f"{m['accelerator']}" + (f" (peak {peak:,.0f} GB/s)" if peak else "")
+        where += f", host {host})"
+    else:
+        where = f"{host}, CPU only)"
     lines = [
-        f"Measured on {m['cpu']} ({m['cores']} cores, {m['memory_gb']} GB, CPU only), "
+        f"Measured on {where}, "
         f"JAX {m['jax']}, Optax {m['optax']}, PyTorch {m['torch']}, on {m['date'][:10]}, "
         f"with `{m['command']}`.",
         "",
@@ -699,6 +757,7 @@ def markdown(results: dict[str, Any]) -> str:
         "the copy, 3x for a clip.",
         "",
     ]
+    peak = m.get("peak_gbps")
     rows = []
     for c in results["clip"]:
         t = c["times"]
@@ -715,15 +774,23 @@ def markdown(results: dict[str, Any]) -> str:
                 fmt_x(c["jaxclip_over_copy"], LIMITS["copy"]),
             ]
         )
+        if peak:
+            rows[-1].insert(6, f"{t['jaxclip']['gb_per_s'] / peak:.0%}")
     header = ["tree", "leaves", "jaxclip ms", "Optax ms", "copy ms", "jaxclip GB/s"]
+    header += ["of peak"] if peak else []
     header += ["copy GB/s", "jaxclip / Optax", "jaxclip / copy"]
     lines += table(header, rows)
 
     lines += ["", "#### Against PyTorch", ""]
     lines += [
-        "`torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)` on CPU tensors "
-        f"holding the same values, {m['torch_threads'] or m['cores']} threads (as many as "
-        f"JAX uses), OMP_WAIT_POLICY={m['omp_wait_policy']}. PyTorch scales the gradients in "
+        "`torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)` on "
+        + (
+            "CUDA tensors holding the same values. "
+            if m.get("torch_device") == "cuda"
+            else f"CPU tensors holding the same values, {m['torch_threads'] or m['cores']} "
+            f"threads (as many as JAX uses), OMP_WAIT_POLICY={m['omp_wait_policy']}. "
+        )
+        + "PyTorch scales the gradients in "
         "place; the in-place JAX equivalent is the clip with the gradient donated "
         "(`jax.jit(..., donate_argnums=0)`). Ratios above 1: jaxclip is faster.",
         "",
@@ -899,7 +966,8 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> bool:
     ax.set_xlabel("tree size (MB, float32)")
     ax.set_ylabel("median time (ms)")
     m = results["machine"]
-    ax.set_title(f"clip by global norm, {m['cpu']}, {m['cores']} cores", fontsize=10)
+    where = m.get("accelerator") or f"{m['cpu']}, {m['cores']} cores"
+    ax.set_title(f"clip by global norm, {where}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -920,6 +988,11 @@ def main() -> None:
     parser.add_argument(
         "--render", action="store_true", help="only rewrite suite.md and the plot from suite.json"
     )
+    parser.add_argument(
+        "--peak-gbps",
+        type=float,
+        help="the accelerator's peak memory bandwidth in GB/s, when PEAK_GBPS lacks it",
+    )
     parser.add_argument("--compile-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_child:
@@ -935,7 +1008,8 @@ def main() -> None:
     plan = QUICK if args.quick else FULL
     command = "python benchmarks/suite.py" + (" --quick" if args.quick else "")
     torch = load_torch()
-    results: dict[str, Any] = {"machine": machine_info(torch, command), "quick": args.quick}
+    machine = machine_info(torch, command, args.peak_gbps)
+    results: dict[str, Any] = {"machine": machine, "quick": args.quick}
     print(json.dumps(results["machine"], indent=1), flush=True)
     started = time.perf_counter()
 
