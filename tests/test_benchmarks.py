@@ -1,0 +1,67 @@
+"""The benchmark suite's documented commands run and write every table."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SUITE = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "suite.py"
+SECTIONS = [
+    "### Targets",
+    "### Standalone clip_by_global_norm",
+    "#### Against PyTorch",
+    "### Clippers inside a jitted AdamW step",
+    "### Compile time against the number of leaves",
+    "### Per-example clipping",
+    "### Standalone clip_by_value",
+    "### Robust global norm",
+]
+
+
+def run_suite(*args: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SUITE), *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_quick_suite_writes_every_table_and_renders_an_accelerator(tmp_path):
+    run_suite("--quick", "--out", str(tmp_path))
+    text = (tmp_path / "suite.md").read_text()
+    for section in SECTIONS:
+        assert section in text
+    results = json.loads((tmp_path / "suite.json").read_text())
+    assert len(results["targets"]) == 8
+    assert all(t["met"] in (True, False, None) for t in results["targets"])
+    # the per-example contenders must agree before their times mean anything
+    assert results["per_example"]["results_agree"] is True
+    steps = results["step"]["times"]
+    assert {"AdamW alone", "jaxclip.skip_on_spike", "optax.apply_if_finite"} <= set(steps)
+    if sys.platform.startswith("linux"):  # page faults are counted where getrusage has them
+        assert all(t["fresh_mb"] >= 0 for t in steps.values())
+
+    # the same results, re-rendered as if measured on a GPU
+    results["machine"].update(accelerator="NVIDIA H200", peak_gbps=4800.0, torch_device="cuda")
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    (gpu / "suite.json").write_text(json.dumps(results))
+    run_suite("--render", "--out", str(gpu))
+    text = (gpu / "suite.md").read_text()
+    assert text.startswith("Measured on NVIDIA H200 (peak 4,800 GB/s), host ")
+    assert "| of peak |" in text
+    assert "on CUDA tensors" in text
+    for section in SECTIONS:
+        assert section in text
+
+
+def test_peak_bandwidth_comes_from_the_flag_then_the_table(monkeypatch):
+    monkeypatch.syspath_prepend(str(SUITE.parent))
+    import suite
+
+    assert suite.peak_gbps("NVIDIA H100 80GB HBM3", None) == 3350
+    assert suite.peak_gbps("NVIDIA A100-SXM4-40GB", None) == 1555
+    assert suite.peak_gbps("NVIDIA H100 80GB HBM3", 3000.0) == 3000.0
+    assert suite.peak_gbps("Some Future Card", None) is None
