@@ -31,6 +31,8 @@ _SMALLEST_SAFE_SUM = {
 }
 
 
+_SIGNED_INT = {np.dtype(np.float32): jnp.int32, np.dtype(np.float64): jnp.int64}
+
 # Small leaves of the same shape and layout are stacked and reduced together
 # once there are at least _PACK_COUNT of them: thousands of tiny reductions
 # cost XLA minutes to compile, one reduction of their stack seconds, and
@@ -382,52 +384,113 @@ def per_leaf_count(leaves: Sequence[Array], predicate: Callable[[Array], Array])
     return packed.split(counts)
 
 
-class Extremes(NamedTuple):
-    """The largest and smallest element of each work array (see :class:`Packed`).
+class NormAndExtremes(NamedTuple):
+    """The global L2 norm of some leaves and the extremes of each.
 
-    ``tops`` and ``bottoms`` hold, per work array, a scalar (one leaf) or a
-    vector (a stack of leaves); ``gather`` lays out per-leaf scalars the same way.
+    ``tops`` and ``bottoms`` hold, per work array (see :class:`Packed`), a
+    scalar (one leaf) or a vector (a stack of leaves); ``gather`` lays out
+    per-leaf scalars the same way.
     """
 
+    norm: Array  # accumulation dtype []
+    finite: Array  # bool[]: every element finite and the norm in range
     tops: list[Array]
     bottoms: list[Array]
     gather: Callable[[Sequence[Array]], list[Array]]
 
 
-def leaf_extremes(
+def _order_key(x: Array) -> Array:
+    """Integers that sort as the floats ``x`` do; :func:`_from_key` inverts it.
+
+    The bit patterns of non-negative IEEE floats sort as integers do; flipping
+    all but the sign bit of negative ones reverses theirs into place.
+    """
+    return _flip_negatives(lax.bitcast_convert_type(x, _SIGNED_INT[np.dtype(x.dtype)]))
+
+
+def _from_key(key: Array, dtype: Any) -> Array:
+    return lax.bitcast_convert_type(_flip_negatives(key), dtype)
+
+
+def _flip_negatives(bits: Array) -> Array:
+    return bits ^ ((bits >> (8 * bits.dtype.itemsize - 1)) & jnp.iinfo(bits.dtype).max)
+
+
+def _squares_and_keys(
+    w: Array, axes: tuple[int, ...] | None, magnitude: bool
+) -> tuple[Array, Array, Array | None]:
+    """``sum(w^2)`` and the largest and smallest :func:`_order_key` (of ``|w|`` with
+    ``magnitude``, and then no smallest) over ``axes`` (None: all), in one pass."""
+    dims = tuple(range(w.ndim)) if axes is None else axes
+    key = _order_key(jnp.abs(w) if magnitude else w)
+    if _layout(w) != "local":
+        # as in _squares_and_changes: plain reductions for the partitioner
+        low = None if magnitude else jnp.min(key, axis=dims)
+        return jnp.sum(w * w, axis=dims), jnp.max(key, axis=dims), low
+    info = jnp.iinfo(key.dtype)
+    operands, inits = [w * w, key], [jnp.zeros((), w.dtype), jnp.array(info.min, key.dtype)]
+    if not magnitude:
+        operands.append(key)
+        inits.append(jnp.array(info.max, key.dtype))
+
+    def combine(a: Sequence[Array], b: Sequence[Array]) -> tuple[Array, ...]:
+        out = (a[0] + b[0], jnp.maximum(a[1], b[1]))
+        return out if magnitude else (*out, jnp.minimum(a[2], b[2]))
+
+    # One float accumulator beside integer ones: XLA on CPU runs such a
+    # reduction at the speed of a plain sum (with two float ones, 5x slower).
+    results = lax.reduce(tuple(operands), tuple(inits), combine, dims)
+    return results[0], results[1], None if magnitude else results[2]
+
+
+def norm_and_extremes(
     leaves: Sequence[Array],
     *,
     magnitude: bool = False,
     axis_name: Any = None,
     replicated: Sequence[bool] | None = None,
-) -> Extremes:
-    """Per leaf, its largest and smallest element, in the accumulation dtype.
+) -> NormAndExtremes:
+    """The global L2 norm of ``leaves`` and, per leaf, its largest and smallest
+    element, all from one pass over the leaves.
 
-    With ``magnitude`` only ``max |x|`` is computed (one reduction instead of
-    two) and ``bottoms`` are its negation. NaN propagates. Small leaves of one
-    shape are reduced together; with ``axis_name`` the extremes are taken over
+    Extremes are found as integers that sort as the floats do, so that one
+    reduction carries the sum of squares and the extremes together. With
+    ``magnitude`` only ``max |x|`` is computed and ``bottoms`` are its
+    negation. NaN propagates to both extremes of its leaf. Small leaves of one
+    shape are reduced together; with ``axis_name`` everything is taken over
     every device's piece. Leaves must not be empty.
     """
     across = Across(axis_name)
     flags = list(replicated) if replicated is not None else [False] * len(leaves)
+    acc = accumulation_dtype([x.dtype for x in leaves])
     packed = _stack_alike(leaves, [None] * len(leaves), flags)
+    total = jnp.zeros((), acc)
     tops, bottoms = [], []
     for w, a, r in zip(packed.work, packed.axes, packed.flags):
-        acc = _acc(w)  # extremes are exact in the leaf dtype; widen only the results
-        if w.dtype != acc:
-            # XLA on CPU computes a bfloat16 max in float32. A barrier keeps that
-            # widening inside this reduction, not shared with the clip or the norm,
-            # which would write a float32 copy of the leaf to memory; the int8 tells
-            # it apart from the norm's barrier, which XLA would merge it with.
-            w = lax.optimization_barrier((w, jnp.zeros((), jnp.int8)))[0]
+        squares, high, low = _squares_and_keys(w.astype(acc), a, magnitude)
+        total = total + across.sum(jnp.sum(squares), r)
+        top = across.max(_from_key(high, acc), r)
         if magnitude:
-            top = across.max(jnp.max(jnp.abs(w), axis=a).astype(acc), r)
             tops.append(top)
             bottoms.append(-top)
-        else:
-            tops.append(across.max(jnp.max(w, axis=a).astype(acc), r))
-            bottoms.append(-across.max(-jnp.min(w, axis=a).astype(acc), r))
-    return Extremes(tops, bottoms, packed.gather)
+            continue
+        assert low is not None
+        bottom = -across.max(-_from_key(low, acc), r)
+        # a NaN sorts above or below every number, by its sign bit; max and min
+        # of floats give NaN at both ends
+        has_nan = jnp.isnan(top) | jnp.isnan(bottom)
+        tops.append(jnp.where(has_nan, jnp.nan, top))
+        bottoms.append(jnp.where(has_nan, jnp.nan, bottom))
+
+    def plain() -> tuple[Array, Array]:
+        norm = _root(total, 2.0)
+        return norm, jnp.isfinite(norm)
+
+    def rescue() -> tuple[Array, Array]:
+        return global_norm_and_finite(leaves, 2.0, axis_name=axis_name, replicated=replicated)
+
+    norm, finite = lax.cond(_needs_rescue(total, 2.0, True), rescue, plain)
+    return NormAndExtremes(norm, finite, tops, bottoms, packed.gather)
 
 
 def _layout(x: Array) -> str | None:

@@ -235,3 +235,80 @@ def test_many_small_leaves_are_grouped_without_changing_results(p):
     ]
     for got, want in zip(cols, expected):
         np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+def _extremes(leaves, magnitude=False, jit=True):
+    """norm_and_extremes as (norm, finite, per-leaf tops, per-leaf bottoms)."""
+
+    def measure(xs):
+        m = _norms.norm_and_extremes(xs, magnitude=magnitude)
+        marks = m.gather([jnp.asarray(float(i)) for i in range(len(xs))])  # leaf indices
+        return m.norm, m.finite, m.tops, m.bottoms, marks
+
+    norm, finite, tops, bottoms, marks = (jax.jit(measure) if jit else measure)(leaves)
+    per_leaf = {}
+    for index, top, bottom in zip(marks, tops, bottoms):
+        for i, t, b in zip(np.atleast_1d(index), np.atleast_1d(top), np.atleast_1d(bottom)):
+            per_leaf[int(i)] = (float(t), float(b))
+    order = list(range(len(leaves)))
+    assert sorted(per_leaf) == order
+    return norm, finite, [per_leaf[i][0] for i in order], [per_leaf[i][1] for i in order]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_norm_and_extremes_match_numpy(jit):
+    rng = np.random.default_rng(7)
+    subnormal = np.float32(1e-44)
+    leaves = [
+        jnp.array([-3.5, 2.0, -0.0, 1e-30, -1e38], jnp.float32),
+        jnp.array([-2.0, -7.0, -1e-3], jnp.float32),  # all negative
+        jnp.array([subnormal, -subnormal], jnp.float32),
+        jnp.array([-1.5, 0.25, 65000.0], jnp.float16),
+        jnp.array([[0.5, -9.0], [3.0, 1.0]], jnp.bfloat16),
+    ]
+    # twenty alike small leaves: reduced as one stack
+    leaves += [jnp.asarray(rng.normal(size=(3,)) * 10.0**i, jnp.float32) for i in range(-10, 10)]
+    wide = [np.asarray(x, np.float64) for x in leaves]
+    for magnitude in (False, True):
+        norm, finite, tops, bottoms = _extremes(leaves, magnitude, jit)
+        want_tops = [np.abs(x).max() if magnitude else x.max() for x in wide]
+        want_bottoms = [-np.abs(x).max() if magnitude else x.min() for x in wide]
+        assert tops == want_tops and bottoms == want_bottoms
+        assert float(norm) == pytest.approx(np_norm(wide), rel=1e-6)
+        assert bool(finite)
+
+
+def test_norm_and_extremes_with_nonfinite_and_huge_elements():
+    nan = float("nan")
+    negative_nan = -jnp.float32(nan)  # a NaN with its sign bit set sorts below -inf
+    assert bool(jnp.signbit(negative_nan))
+    leaves = [
+        jnp.array([1.0, negative_nan, -4.0], jnp.float32),
+        jnp.array([2.0, nan], jnp.float32),
+        jnp.array([-jnp.inf, 3.0], jnp.float32),
+        jnp.array([5.0, jnp.inf], jnp.float32),
+    ]
+    norm, finite, tops, bottoms = _extremes(leaves)
+    # as max and min of floats: NaN at both ends of a leaf that has one
+    assert all(math.isnan(v) for v in tops[:2] + bottoms[:2])
+    assert (tops[2], bottoms[2]) == (3.0, -math.inf)
+    assert (tops[3], bottoms[3]) == (math.inf, 5.0)
+    assert math.isnan(float(norm)) and not bool(finite)
+
+    # a sum of squares past float32's range is rescued; the extremes are exact
+    huge = [jnp.array([3e30, -4e30], jnp.float32), jnp.array([1e-30], jnp.float32)]
+    norm, finite, tops, _ = _extremes(huge, magnitude=True)
+    assert float(norm) == pytest.approx(5e30, rel=1e-6) and bool(finite)
+    assert tops[0] == float(np.float32(4e30))
+
+
+def test_norm_and_extremes_in_float64():
+    with float64_enabled():
+        leaves = [
+            jnp.array([1e200, -3e250, -1e-300], jnp.float64),
+            jnp.array([-1.5, 2.5], jnp.float32),  # widened to float64 beside it
+        ]
+        norm, _, tops, bottoms = _extremes(leaves)
+        assert norm.dtype == jnp.float64
+        assert tops == [1e200, 2.5] and bottoms == [-3e250, -1.5]
+        assert float(norm) == pytest.approx(3e250, rel=1e-12)
