@@ -542,6 +542,26 @@ class ClipByValueTest(chex.TestCase):
         assert float(state.scale) == pytest.approx(max(afters) / max(befores), rel=1e-6)
         assert bool(state.clipped) == outside
 
+    def test_statistics_keep_their_precision_over_millions_of_elements(self):
+        # Summing 8M squares in order loses ~1e-4 of the sum in float32; the
+        # statistics must be as exact as a plain norm (an odd size: a tail too).
+        x = np.random.default_rng(5).normal(size=8_000_003).astype(np.float32) * 0.02
+        wide = x.astype(np.float64)
+        norm = math.sqrt(np.sum(wide**2))
+        after = math.sqrt(np.sum(np.clip(wide, -0.02, 0.02) ** 2))
+        clipped = int(np.sum(np.abs(x) > np.float32(0.02)))
+        for statistics in ("full", "light"):
+            tx = jaxclip.clip_by_value(0.02, statistics=statistics)
+            _, state = jax.jit(tx.update)(jnp.asarray(x), tx.init(None))
+            assert float(state.norm) == pytest.approx(norm, rel=1e-6)
+            if statistics == "full":
+                post = float(state.scale) * float(state.norm)
+                assert post == pytest.approx(after, rel=1e-6)
+                fraction = float(state.extra["clipped_fraction"])
+                assert fraction == pytest.approx(clipped / x.size, rel=1e-6)
+            else:
+                assert float(state.extra["max_abs"]) == float(np.abs(x).max())
+
     def test_light_statistics_use_the_rounded_bound(self):
         # 0.702 rounds up to 0.703125 in bfloat16: no element of this leaf is clipped
         g = jnp.array([0.703125, -0.1], jnp.bfloat16)
