@@ -201,11 +201,10 @@ def load_torch() -> Any:
 
 def machine_info(torch: Any, command: str, given_peak: float | None) -> dict[str, Any]:
     device = jax.devices()[0]
+    kind = device.device_kind if on_accelerator() else None
     return {
-        "accelerator": device.device_kind if device.platform != "cpu" else None,
-        "peak_gbps": peak_gbps(device.device_kind, given_peak)
-        if device.platform != "cpu"
-        else None,
+        "accelerator": kind,
+        "peak_gbps": peak_gbps(kind, given_peak) if kind else None,
         "torch_device": torch_device(torch),
         "cpu": cpu_model(),
         "cores": cores(),
