@@ -72,7 +72,10 @@ def _power(
     if p == 2 and divisor is None and not sanitize:
         xa = x.astype(dtype)
         return xa * xa
-    a = _magnitude(x, sanitize, dtype)
+    # squares need no |x|: one shared with a maximum of |x| would be written out
+    a = x.astype(dtype) if p == 2 else _magnitude(x, False, dtype)
+    if sanitize:
+        a = jnp.where(jnp.isfinite(a), a, 0)
     if divisor is not None:
         a = a / divisor
     if p == 1:
@@ -132,6 +135,38 @@ def _needs_rescue(s: Array, p: float, check_tiny: bool) -> Array:
     return jnp.any(bad)
 
 
+def _maxima(
+    work: Sequence[tuple[Array, bool]], sanitized: bool, across: Across, acc: Any
+) -> list[Array]:
+    """``max |x|`` of each array (non-finite elements left out if ``sanitized``)."""
+    return [across.max(_max_abs(x, None, sanitized).astype(acc), r) for x, r in work]
+
+
+def _rescaled_norm(
+    work: Sequence[tuple[Array, bool]], p: float, sanitize: bool, across: Across, acc: Any
+) -> tuple[Array, Array]:
+    """The p-norm (p = 1 or 2) of the arrays in ``work`` together, where a plain sum
+    of powers would overflow or underflow; and whether it is finite.
+
+    Each array is read again rescaled by its own largest magnitude m (``|x| / m
+    <= 1``, so no sum leaves the range) and its sum weighted by ``(m / largest)^p
+    <= 1``. One divisor for all would be broadcast once per shape and shared by
+    the arrays of that shape, and XLA writes shared values out: buffers that a
+    compiled function on CPU allocates on every call, rescue or not.
+    """
+    raw = _maxima(work, False, across, acc)
+    scales = _maxima(work, True, across, acc) if sanitize else raw
+    largest = _combine_max(scales)
+    unit = safe_divisor(largest)
+    parts = []
+    for (x, r), m in zip(work, scales):
+        divisor = safe_divisor(m)
+        weight = jnp.where(m > 0, divisor / unit, 0) ** p
+        parts.append(weight * across.sum(jnp.sum(_power(x, p, sanitize, divisor, acc)), r))
+    norm = lax.stop_gradient(largest) * _root(add_all(parts), p)
+    return norm, jnp.isfinite(_combine_max(raw)) & jnp.isfinite(norm)
+
+
 def global_norm_and_finite(
     leaves: Sequence[Array],
     p: float,
@@ -163,17 +198,16 @@ def global_norm_and_finite(
     if not work:
         return jnp.zeros((), acc), jnp.array(True)
 
-    def largest(sanitized: bool) -> Array:
-        return _combine_max(
-            [across.max(_max_abs(x, None, sanitized).astype(acc), r) for x, r in work]
-        )
-
     if p == math.inf:
-        raw = largest(False)
+        raw = _combine_max(_maxima(work, False, across, acc))
         finite = jnp.isfinite(raw)
         if not sanitize:
             return raw, finite
-        return lax.cond(finite, lambda: raw, lambda: largest(True)), finite
+
+        def sanitized() -> Array:
+            return _combine_max(_maxima(work, True, across, acc))
+
+        return lax.cond(finite, lambda: raw, sanitized), finite
 
     if p not in (1, 2):
         per_leaf = slice_norms(
@@ -196,14 +230,7 @@ def global_norm_and_finite(
         return norm, jnp.isfinite(norm)
 
     def rescue() -> tuple[Array, Array]:
-        # A second look, rescaled by the largest magnitude: |x| / m <= 1, so
-        # the sum neither overflows nor underflows.
-        raw_max = largest(False)
-        m = largest(True) if sanitize else raw_max
-        divisor = safe_divisor(m)
-        parts = [across.sum(jnp.sum(_power(x, p, sanitize, divisor, acc)), r) for x, r in work]
-        norm = lax.stop_gradient(m) * _root(add_all(parts), p)
-        return norm, jnp.isfinite(raw_max) & jnp.isfinite(norm)
+        return _rescaled_norm(work, p, sanitize, across, acc)
 
     return lax.cond(_needs_rescue(total, p, True), rescue, plain)
 
@@ -252,13 +279,11 @@ def norm_and_changes(
         total, count = total + across.sum(squares, r), count + across.sum(changes, r)
 
     def rescue() -> Array:
-        # widened again here: the branch's operands are then the leaves, already
-        # in memory, not a widened copy of the tree
-        rewide = [x.astype(acc) for x in before]
-        norm, _ = global_norm_and_finite(
-            transform(rewide), 2.0, axis_name=axis_name, replicated=replicated
-        )
-        return norm
+        # transformed again here: the branch's operands are then the leaves,
+        # already in memory, not a transformed copy of the tree
+        after = transform([x.astype(acc) for x in before])
+        again = _stack_alike([after[i] for i in kept], [None] * len(kept), flags)
+        return _rescaled_norm(list(zip(again.work, again.flags)), 2.0, False, across, acc)[0]
 
     norm = lax.cond(_needs_rescue(total, 2.0, True), rescue, lambda: _root(total, 2.0))
     return norm, count
@@ -525,7 +550,7 @@ def norm_and_extremes(
         return norm, jnp.isfinite(norm)
 
     def rescue() -> tuple[Array, Array]:
-        return global_norm_and_finite(leaves, 2.0, axis_name=axis_name, replicated=replicated)
+        return _rescaled_norm(list(zip(packed.work, packed.flags)), 2.0, False, across, acc)
 
     norm, finite = lax.cond(_needs_rescue(total, 2.0, True), rescue, plain)
     return NormAndExtremes(norm, finite, tops, bottoms, packed.gather)

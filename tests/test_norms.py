@@ -175,6 +175,28 @@ def test_common_case_is_one_reduction_per_leaf():
     assert top.count("cond") == 1
 
 
+def _scratch_bytes(fn, *args):
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_rescue_branches_reserve_no_leaf_sized_scratch():
+    """A rescue seldom runs, but the scratch its branch needs is reserved on every
+    call: it must read the leaves in place, not write leaf-sized copies. The
+    bound is the scratch of a plain norm compiled alike (older XLA versions
+    write the squares out even there) plus an eighth of a leaf."""
+    tree = {f"w{i}": jnp.full((256, 256), 0.5) for i in range(4)}
+    tree["wide"] = jnp.full((128, 1024), 0.5)
+    plain = _scratch_bytes(lambda t: jnp.sqrt(sum(jnp.sum(x * x) for x in t.values())), tree)
+    bound = plain + 256 * 256 * 4 / 8
+    assert _scratch_bytes(jaxclip.global_norm, tree) <= bound
+    for tx in (
+        jaxclip.clip_by_global_norm(1.0),
+        jaxclip.clip_by_value(0.1, statistics="light"),
+        jaxclip.zclip(),
+    ):
+        assert _scratch_bytes(tx.update, tree, tx.init(tree)) <= bound
+
+
 # -- per-leaf and per-slice norms ---------------------------------------------------------
 
 
