@@ -41,6 +41,9 @@ _SIGNED_INT = {np.dtype(np.float32): jnp.int32, np.dtype(np.float64): jnp.int64}
 _PACK_LIMIT = 1 << 14
 _PACK_COUNT = 16
 
+# Arrays of at least this many elements are held apart in a rescue (_rescaled_norm).
+_APART_SIZE = 1 << 18
+
 
 def accumulation_dtype(dtypes: Sequence[Any]) -> np.dtype:
     """float64 if any of ``dtypes`` is float64, else float32."""
@@ -61,23 +64,24 @@ def _magnitude(x: Array, sanitize: bool, dtype: Any = None) -> Array:
 
 
 def _power(
-    x: Array, p: float, sanitize: bool, divisor: Array | None = None, dtype: Any = None
+    x: Array, p: float, sanitize: bool, scale: Scale | None = None, dtype: Any = None
 ) -> Array:
-    """Elementwise ``(|x| / divisor)^p`` in ``dtype`` (default: x's accumulation dtype)."""
+    """Elementwise ``(|x| / u)^p`` (u from ``scale``, else 1) in ``dtype`` (default: x's
+    accumulation dtype)."""
     dtype = _acc(x) if dtype is None else dtype
     if x.dtype != dtype:
         # Keeps the widening cast inside this reduction: otherwise XLA shares it
         # with the rescale that also reads x and writes a float32 copy of the tree.
         x = lax.optimization_barrier(x)
-    if p == 2 and divisor is None and not sanitize:
+    if p == 2 and scale is None and not sanitize:
         xa = x.astype(dtype)
         return xa * xa
     # squares need no |x|: one shared with a maximum of |x| would be written out
     a = x.astype(dtype) if p == 2 else _magnitude(x, False, dtype)
     if sanitize:
         a = jnp.where(jnp.isfinite(a), a, 0)
-    if divisor is not None:
-        a = a / divisor
+    if scale is not None:
+        a = a * scale.shrink
     if p == 1:
         return a
     if p == 2:
@@ -100,14 +104,38 @@ def _max_abs(x: Array, axis: tuple[int, ...] | None, sanitize: bool) -> Array:
     return jnp.max(_magnitude(x, sanitize), axis=axis, keepdims=keep, initial=0)
 
 
-def safe_divisor(m: Array) -> Array:
-    """``m`` where it is finite and positive, else 1; held constant under ``jax.grad``.
+class Scale(NamedTuple):
+    """A power of two u near a magnitude m, to rescale by m exactly.
 
-    ``m * root(sum((|x| / m)^p))`` does not depend on ``m``, so its gradient
-    through ``m`` is zero; computing it would square ``m`` and overflow.
+    ``m < u <= 2 m`` where m is finite, positive and below 2^(emax - 1) (in
+    float32, 2^126), else ``u = 1`` (m zero or not finite) or ``2^(emax - 1)``
+    (so ``|x| / u < 4``). Held constant under ``jax.grad`` (``u * root(sum((|x| /
+    u)^p))`` does not depend on u, and its gradient through u would square u and
+    overflow). u and 1 / u are both normal floats: a reciprocal of m above 2^126
+    is subnormal in float32, and XLA, which turns ``x / m`` into ``x * (1 / m)``,
+    runs on CPU with subnormals flushed to zero.
     """
-    m = lax.stop_gradient(m)
-    return jnp.where(jnp.isfinite(m) & (m > 0), m, jnp.ones_like(m))
+
+    shrink: Array  # 1 / u
+    grow: Array  # u
+
+    @classmethod
+    def near(cls, m: Array) -> Scale:
+        m = lax.stop_gradient(m)
+        info = jnp.finfo(m.dtype)
+        ok = jnp.isfinite(m) & (m > 0)
+        bits = lax.bitcast_convert_type(m, _SIGNED_INT[np.dtype(m.dtype)])
+        biased = (bits >> info.nmant) & (2 * info.maxexp - 1)
+        top = info.maxexp - 2
+        exponent = jnp.where(ok, jnp.clip(biased - top, -top, top), 0)  # m < 2^exponent
+        return cls(_power_of_two(-exponent, m.dtype), _power_of_two(exponent, m.dtype))
+
+
+def _power_of_two(k: Array, dtype: Any) -> Array:
+    """``2^k`` for integer k within the normal exponents of ``dtype``."""
+    info = jnp.finfo(dtype)
+    int_type = _SIGNED_INT[np.dtype(dtype)]
+    return lax.bitcast_convert_type((k + info.maxexp - 1).astype(int_type) << info.nmant, dtype)
 
 
 class Across(NamedTuple):
@@ -142,29 +170,42 @@ def _maxima(
     return [across.max(_max_abs(x, None, sanitized).astype(acc), r) for x, r in work]
 
 
+def _largest(scalars: Sequence[Array]) -> Array:
+    """The largest of ``scalars`` (NaN if one is NaN). Found by ``argmax``: XLA
+    copies a chain of maxima into every fusion that reads its result, and its
+    readers here are many."""
+    if len(scalars) == 1:
+        return scalars[0]
+    values = jnp.stack(scalars)
+    return values[jnp.argmax(values)]
+
+
 def _rescaled_norm(
     work: Sequence[tuple[Array, bool]], p: float, sanitize: bool, across: Across, acc: Any
 ) -> tuple[Array, Array]:
     """The p-norm (p = 1 or 2) of the arrays in ``work`` together, where a plain sum
     of powers would overflow or underflow; and whether it is finite.
 
-    Each array is read again rescaled by its own largest magnitude m (``|x| / m
-    <= 1``, so no sum leaves the range) and its sum weighted by ``(m / largest)^p
-    <= 1``. One divisor for all would be broadcast once per shape and shared by
-    the arrays of that shape, and XLA writes shared values out: buffers that a
-    compiled function on CPU allocates on every call, rescue or not.
+    The arrays are read again, rescaled by a power of two u near their largest
+    magnitude (:class:`Scale`), so the sum neither overflows nor underflows.
+    Each large array meets 1 / u through an optimization barrier: otherwise it
+    is broadcast once per shape and shared by the arrays of that shape, and XLA
+    writes the broadcast out, a buffer that a compiled function on CPU
+    allocates on every call, rescue or not. (Below _APART_SIZE elements such a
+    buffer is small, and a barrier per array would cost compile time.)
     """
-    raw = _maxima(work, False, across, acc)
-    scales = _maxima(work, True, across, acc) if sanitize else raw
-    largest = _combine_max(scales)
-    unit = safe_divisor(largest)
+    raw_max = _largest(_maxima(work, False, across, acc))
+    largest = _largest(_maxima(work, True, across, acc)) if sanitize else raw_max
+    scale = Scale.near(largest)
     parts = []
-    for (x, r), m in zip(work, scales):
-        divisor = safe_divisor(m)
-        weight = jnp.where(m > 0, divisor / unit, 0) ** p
-        parts.append(weight * across.sum(jnp.sum(_power(x, p, sanitize, divisor, acc)), r))
-    norm = lax.stop_gradient(largest) * _root(add_all(parts), p)
-    return norm, jnp.isfinite(_combine_max(raw)) & jnp.isfinite(norm)
+    for x, r in work:
+        apart = scale
+        if x.size >= _APART_SIZE:
+            x, shrink = lax.optimization_barrier((x, scale.shrink))
+            apart = scale._replace(shrink=shrink)
+        parts.append(across.sum(jnp.sum(_power(x, p, sanitize, apart, acc)), r))
+    norm = _root(add_all(parts), p) * scale.grow
+    return norm, jnp.isfinite(raw_max) & jnp.isfinite(norm)
 
 
 def global_norm_and_finite(
@@ -367,9 +408,8 @@ def combine_norms(norms: Sequence[Array], p: float) -> Array:
     direct_sum = add_all([jnp.sum(n**p) for n in arrays])
 
     def rescaled() -> Array:
-        m = lax.stop_gradient(_combine_max([jnp.max(n) for n in arrays]))
-        divisor = safe_divisor(m)
-        return m * _root(add_all([jnp.sum((n / divisor) ** p) for n in arrays]), p)
+        scale = Scale.near(_combine_max([jnp.max(n) for n in arrays]))
+        return _root(add_all([jnp.sum((n * scale.shrink) ** p) for n in arrays]), p) * scale.grow
 
     floor = _SMALLEST_SAFE_SUM[np.dtype(direct_sum.dtype)]
     in_range = (jnp.isfinite(direct_sum) & (direct_sum >= floor)) | jnp.isnan(direct_sum)
@@ -684,9 +724,10 @@ def _slice_norms(
         scales = maxima(True) if sanitize else raw_max
         norms = []
         for (x, a, r), m in zip(work, scales):
-            powers = _power(x, p, sanitize, safe_divisor(m))
+            scale = Scale.near(m)
+            powers = _power(x, p, sanitize, scale)
             part = across.sum(jnp.sum(powers, axis=a, keepdims=keep(a)), r)
-            norms.append(lax.stop_gradient(m) * _root(part, p))
+            norms.append(_root(part, p) * scale.grow)
         finite = [jnp.isfinite(m) & jnp.isfinite(n) for m, n in zip(raw_max, norms)]
         return norms, finite
 

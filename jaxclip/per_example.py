@@ -64,8 +64,9 @@ def _example_norms(owner: str, grads: Any, axis_name: Any) -> tuple[list[Any], l
     dtype = _norms.accumulation_dtype([x.dtype for x in leaves])
     stacked = jnp.stack([n.astype(dtype) for n in per_leaf])  # (leaves, batch)
     m = jax.lax.stop_gradient(jnp.max(stacked, axis=0))
-    divisor = _norms.safe_divisor(m)
-    norms = jnp.where(jnp.isfinite(m), m * jnp.sqrt(jnp.sum((stacked / divisor) ** 2, axis=0)), m)
+    scale = _norms.Scale.near(m)
+    combined = jnp.sqrt(jnp.sum((stacked * scale.shrink) ** 2, axis=0)) * scale.grow
+    norms = jnp.where(jnp.isfinite(m), combined, m)
     return paths, leaves, norms
 
 

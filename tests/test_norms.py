@@ -184,10 +184,10 @@ def test_rescue_branches_reserve_no_leaf_sized_scratch():
     call: it must read the leaves in place, not write leaf-sized copies. The
     bound is the scratch of a plain norm compiled alike (older XLA versions
     write the squares out even there) plus an eighth of a leaf."""
-    tree = {f"w{i}": jnp.full((256, 256), 0.5) for i in range(4)}
-    tree["wide"] = jnp.full((128, 1024), 0.5)
+    tree = {f"w{i}": jnp.full((512, 512), 0.5) for i in range(4)}
+    tree["wide"] = jnp.full((256, 1024), 0.5)
     plain = _scratch_bytes(lambda t: jnp.sqrt(sum(jnp.sum(x * x) for x in t.values())), tree)
-    bound = plain + 256 * 256 * 4 / 8
+    bound = plain + 512 * 512 * 4 / 8
     assert _scratch_bytes(jaxclip.global_norm, tree) <= bound
     for tx in (
         jaxclip.clip_by_global_norm(1.0),
@@ -230,6 +230,24 @@ def test_slice_norms_rescue_each_slice():
     np.testing.assert_allclose(cols, [math.sqrt(2) * 1e20, math.sqrt(2) * 1e-30], rtol=1e-6)
     rows = jaxclip.leaf_norms(x, axis=1)
     np.testing.assert_allclose(rows, [1e20, 1e20, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_rescue_at_the_top_of_the_float32_range(p, jit):
+    """Elements above 2^126: dividing by the largest (which XLA does as a multiply by
+    its reciprocal, subnormal here and flushed to zero on CPU) would give norm 0."""
+    x = jnp.array([1.0e38, -2.0e38, 3.0], jnp.float32)
+    run = jax.jit if jit else (lambda f: f)
+    expected = np_norm([x], p)
+    assert float(run(lambda t: jaxclip.global_norm(t, ord=p))([x])) == pytest.approx(
+        expected, rel=2e-6
+    )
+    assert float(run(lambda t: jaxclip.leaf_norms(t, ord=p))(x)) == pytest.approx(
+        expected, rel=2e-6
+    )
+    cols = run(lambda t: jaxclip.leaf_norms(t, ord=p, axis=0))(jnp.stack([x, x / 2]))
+    np.testing.assert_allclose(cols, [np_norm([[v, v / 2]], p) for v in x.tolist()], rtol=2e-6)
 
 
 def test_axis_that_a_leaf_lacks_names_the_leaf():
