@@ -40,6 +40,11 @@ def test_quick_suite_writes_every_table_and_renders_an_accelerator(tmp_path):
     assert results["per_example"]["results_agree"] is True
     steps = results["step"]["times"]
     assert {"AdamW alone", "jaxclip.skip_on_spike", "optax.apply_if_finite"} <= set(steps)
+    # the floor of a norm clipper in the step: AdamW alone plus one read of the gradient
+    step = results["step"]
+    alone, read = steps["AdamW alone"]["median_ms"], step["one_read"]["median_ms"]
+    assert step["floor_over_adamw"] == pytest.approx((alone + read) / alone)
+    assert all(t["over_floor"] > 0 for t in steps.values())
     if sys.platform.startswith("linux"):  # page faults are counted where getrusage has them
         assert all(t["fresh_mb"] >= 0 for t in steps.values())
 
