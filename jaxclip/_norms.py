@@ -107,13 +107,14 @@ def _max_abs(x: Array, axis: tuple[int, ...] | None, sanitize: bool) -> Array:
 class Scale(NamedTuple):
     """A power of two u near a magnitude m, to rescale by m exactly.
 
-    ``m < u <= 2 m`` where m is finite, positive and below 2^(emax - 1) (in
-    float32, 2^126), else ``u = 1`` (m zero or not finite) or ``2^(emax - 1)``
-    (so ``|x| / u < 4``). Held constant under ``jax.grad`` (``u * root(sum((|x| /
-    u)^p))`` does not depend on u, and its gradient through u would square u and
-    overflow). u and 1 / u are both normal floats: a reciprocal of m above 2^126
-    is subnormal in float32, and XLA, which turns ``x / m`` into ``x * (1 / m)``,
-    runs on CPU with subnormals flushed to zero.
+    ``m < u <= 2 m`` where m is finite, positive and below ``2^(maxexp - 2)``
+    (2^126 in float32); ``u = 2^(maxexp - 2)`` above that (so ``|x| / u < 4``),
+    and ``u = 1`` where m is zero or not finite. Held constant under
+    ``jax.grad`` (``u * root(sum((|x| / u)^p))`` does not depend on u, and its
+    gradient through u would square u and overflow). u and 1 / u are both
+    normal floats: the reciprocal of an m above 2^126 is subnormal in float32,
+    and XLA, which turns ``x / m`` into ``x * (1 / m)``, runs on CPU with
+    subnormals flushed to zero.
     """
 
     shrink: Array  # 1 / u
