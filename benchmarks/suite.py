@@ -247,8 +247,7 @@ def torch_device(torch: Any) -> str | None:
     """Where PyTorch runs: on the GPU when JAX does and PyTorch can, else on the CPU."""
     if torch is None:
         return None
-    gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
-    return "cuda" if gpu else "cpu"
+    return "cuda" if on_accelerator() and torch.cuda.is_available() else "cpu"
 
 
 def torch_clipper(torch: Any, tree: Any) -> Any:
@@ -471,7 +470,7 @@ def step_case(spec: Tree, rounds: int) -> dict[str, Any]:
             return box["params"]
 
         runs[name] = run
-    # the floor for a norm clipper in the step: AdamW alone plus one read of the gradient
+    # the floor of a global-norm clipper in the step: AdamW alone plus one read of the gradient
     read = jax.jit(naive_norm)
     runs[ONE_READ] = lambda: read(grads)
     times = interleaved(runs, rounds=rounds, keep_samples=True)

@@ -73,9 +73,6 @@ def _power(
         # Keeps the widening cast inside this reduction: otherwise XLA shares it
         # with the rescale that also reads x and writes a float32 copy of the tree.
         x = lax.optimization_barrier(x)
-    if p == 2 and scale is None and not sanitize:
-        xa = x.astype(dtype)
-        return xa * xa
     # squares need no |x|: one shared with a maximum of |x| would be written out
     a = x.astype(dtype) if p == 2 else _magnitude(x, False, dtype)
     if sanitize:
