@@ -8,7 +8,7 @@ dtype-preserving multiply.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,49 @@ def as_threshold(value: Any, step: Array, dtype: Any) -> Array:
     return jnp.asarray(value).astype(dtype)
 
 
+# A scale below _TINY is kept as two factors, the second _SHIFT (see Factor).
+_TINY = 2.0**-100
+_SHIFT = 2.0**-64
+
+
+class Factor(NamedTuple):
+    """A clip's scale, applied as ``(x * value) * tiny``.
+
+    ``tiny`` is 1, except for a scale below 2^-100: then ``value`` is the scale
+    times 2^64 and ``tiny`` is 2^-64. A scale under the smallest normal float
+    (2^-126 in float32), from a norm more than 2^126 times its threshold, would
+    be flushed to zero by XLA on CPU and zero the gradient; as two normal
+    factors it gives the clipped gradient. Scales down to 2^-190 are kept (float32).
+    """
+
+    value: Array
+    tiny: Array
+
+    def product(self) -> Array:
+        """The scale as one number, for the statistics (0 where it underflows)."""
+        return self.value * self.tiny
+
+
+def as_factor(scale: Array, numerator: Array, denominator: Array) -> Factor:
+    """``scale``, which is 1, NaN or ``numerator / denominator``, as a :class:`Factor`."""
+    small = scale < _TINY  # so the denominator is above 2^100 times the numerator
+    one = jnp.ones_like(scale)
+    # denominator * 2^-64 is at most 2^64 (float32), so its reciprocal is a normal
+    # float; it is held at the smallest normal, below which the numerator would be
+    # under 2^-162 (zero on CPU)
+    shrunk = jnp.maximum(denominator * _SHIFT, jnp.finfo(scale.dtype).tiny)
+    # both end in a division, which XLA computes once instead of copying it into
+    # every fusion that reads it (x / 1 == x, NaN / 1 is NaN)
+    value = jnp.where(small, numerator, scale) / jnp.where(small, shrunk, one)
+    tiny = one / jnp.where(small, 1 / _SHIFT, 1.0).astype(scale.dtype)
+    return Factor(value, tiny)
+
+
+def select(condition: Array, a: Factor, b: Factor) -> Factor:
+    """``a`` where ``condition`` holds, else ``b``."""
+    return Factor(*(jnp.where(condition, x, y) for x, y in zip(a, b)))
+
+
 def scale_for(
     norm: Array,
     threshold: Array,
@@ -33,7 +76,7 @@ def scale_for(
     eps: Any = 0.0,
     min_norm: Any = None,
     eps_in_condition: bool = True,
-) -> Array:
+) -> Factor:
     """The factor that brings ``norm`` down to ``threshold`` (or up to ``min_norm``).
 
     With ``eps == 0``: ``threshold / norm`` when ``norm > threshold``, else 1.
@@ -43,7 +86,7 @@ def scale_for(
     applied only when ``norm > threshold`` (ZClip, AdaGC). A NaN norm gives a
     NaN scale and an infinite norm a zero scale, as in Optax and PyTorch; the
     non-finite policies decide what happens next. ``norm == threshold == 0``
-    gives 1, never NaN.
+    gives 1, never NaN. Returned as a :class:`Factor`.
     """
     dtype = norm.dtype
     threshold = jnp.asarray(threshold, dtype)
@@ -53,7 +96,8 @@ def scale_for(
         # per-unit scales once instead of inside every element they multiply.
         over = norm > threshold
         one = jnp.ones_like(norm)
-        return jnp.where(over, threshold, one) / jnp.where(over | jnp.isnan(norm), norm, one)
+        scale = jnp.where(over, threshold, one) / jnp.where(over | jnp.isnan(norm), norm, one)
+        return as_factor(scale, threshold, norm)
     safe_norm = jnp.where(norm > 0, norm, jnp.ones_like(norm))
     plain = threshold / safe_norm
     if eps_value == 0.0:
@@ -70,17 +114,20 @@ def scale_for(
         lower = jnp.asarray(min_norm, dtype)
         raise_up = (norm > 0) & (norm < lower)
         scale = jnp.where(raise_up, lower / safe_norm, scale)
-    return jnp.where(jnp.isnan(norm), jnp.full_like(norm, jnp.nan), scale)
+    scale = jnp.where(jnp.isnan(norm), jnp.full_like(norm, jnp.nan), scale)
+    # a scale below 2^-100 comes from clipping: threshold / (norm [+ eps])
+    return as_factor(scale, threshold, norm + (0 if eps_value == 0.0 else jnp.asarray(eps, dtype)))
 
 
-def multiply(x: Array, scale: Array) -> Array:
+def multiply(x: Array, scale: Factor) -> Array:
     """``x * scale`` computed in the scale's dtype and rounded once to ``x.dtype``."""
-    if x.dtype == scale.dtype:
-        return x * scale
-    return (x.astype(scale.dtype) * scale).astype(x.dtype)
+    value, tiny = scale
+    if x.dtype == value.dtype:
+        return x * value * tiny
+    return (x.astype(value.dtype) * value * tiny).astype(x.dtype)
 
 
-def apply_policy(x: Array, scale: Array, step_finite: Array, policy: str) -> Array:
+def apply_policy(x: Array, scale: Factor, step_finite: Array, policy: str) -> Array:
     """Scales one leaf under a non-finite policy.
 
     ``propagate`` and ``error`` multiply as they are; ``skip`` returns zeros when

@@ -116,7 +116,7 @@ class Rescaled(NamedTuple):
 
 
 def rescale(
-    owner: str, updates: Any, measured: Measured, scale: Array, policy: str = "propagate"
+    owner: str, updates: Any, measured: Measured, scale: _apply.Factor, policy: str = "propagate"
 ) -> Rescaled:
     """Multiplies the gradient by ``scale`` under the non-finite ``policy``."""
     if policy == "error":
@@ -125,8 +125,9 @@ def rescale(
         lambda x: _apply.apply_policy(x, scale, measured.finite, policy), updates
     )
     chex.assert_trees_all_equal_shapes_and_dtypes(new_updates, updates)
-    clipped = measured.finite & (scale != 1)
-    return Rescaled(new_updates, _apply.reported_scale(scale, measured.finite, policy), clipped)
+    clipped = measured.finite & (scale.value != 1)
+    reported = _apply.reported_scale(scale.product(), measured.finite, policy)
+    return Rescaled(new_updates, reported, clipped)
 
 
 def stats_dtype(params: Any) -> Any:
@@ -179,13 +180,16 @@ def measure_units(
     return Units(paths, leaves, measured.norms, measured.finite, measured.split, step_finite)
 
 
-def rescale_units(owner: str, updates: Any, units: Units, scales: list[Array], policy: str) -> Any:
+def rescale_units(
+    owner: str, updates: Any, units: Units, scales: list[_apply.Factor], policy: str
+) -> Any:
     """Multiplies each unit by its scale (given on the work arrays) under ``policy``."""
     if policy == "error":
         _apply.raise_if_nonfinite(owner, units.paths, units.leaves, units.step_finite)
+    per_leaf = zip(units.split([s.value for s in scales]), units.split([s.tiny for s in scales]))
     new_leaves = [
-        _apply.apply_policy(x, s, units.step_finite, policy)
-        for x, s in zip(units.leaves, units.split(scales))
+        _apply.apply_policy(x, _apply.Factor(value, tiny), units.step_finite, policy)
+        for x, (value, tiny) in zip(units.leaves, per_leaf)
     ]
     new_updates = _checks.replace_leaves(updates, units.paths, new_leaves)
     chex.assert_trees_all_equal_shapes_and_dtypes(new_updates, updates)
@@ -200,16 +204,18 @@ class UnitSummary(NamedTuple):
     max_unit_norm: Array
 
 
-def summarize_units(units: Units, scales: list[Array], p: float, policy: str) -> UnitSummary:
+def summarize_units(
+    units: Units, scales: list[_apply.Factor], p: float, policy: str
+) -> UnitSummary:
     """The global view of a per-unit clip, from the unit norms alone (no pass over data)."""
     dtype = _norms.accumulation_dtype([x.dtype for x in units.leaves])
     norms = [n.astype(dtype) for n in units.norms]
     before = _norms.combine_norms(norms, p)
-    after = _norms.combine_norms([n * s.astype(dtype) for n, s in zip(norms, scales)], p)
+    after = _norms.combine_norms([_apply.multiply(n, s) for n, s in zip(norms, scales)], p)
     ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), jnp.ones_like(before))
     ratio = _apply.reported_scale(ratio, units.step_finite, policy)
     n_units = sum(n.size for n in norms)
-    n_clipped = sum(jnp.sum((s != 1) & f) for s, f in zip(scales, units.finite))
+    n_clipped = sum(jnp.sum((s.value != 1) & f) for s, f in zip(scales, units.finite))
     largest = jnp.max(jnp.stack([jnp.max(n) for n in norms])) if norms else jnp.zeros((), dtype)
     return UnitSummary(
         norm=before,

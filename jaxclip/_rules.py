@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxclip import _apply
+
 Array = jax.Array
 
 
@@ -223,7 +225,7 @@ def quantile_rule(
 class AdaGCUnits(NamedTuple):
     """One AdaGC step on a set of units (leaves, slices of leaves, or the global norm)."""
 
-    scale: Array  # factor per unit
+    scale: _apply.Factor  # factor per unit
     gamma: Array  # next gamma per unit
 
 
@@ -232,7 +234,7 @@ def adagc_units(
     gamma: Array,
     warming: Array,
     first: Array,
-    warmup_scale: Array,
+    warmup_scale: _apply.Factor,
     lambda_rel: Any,
     beta: Any,
     eps: Any,
@@ -251,15 +253,16 @@ def adagc_units(
     n = norm.astype(dtype)
     lam, b, e = (as_scalar(v, dtype) for v in (lambda_rel, beta, eps))
     # warmup: units measured after the global clip; gamma is their running minimum
-    after_warmup_clip = n * warmup_scale.astype(dtype)
+    warm_scale = _apply.Factor(*(jnp.broadcast_to(f.astype(dtype), n.shape) for f in warmup_scale))
+    after_warmup_clip = _apply.multiply(n, warm_scale)
     warm_gamma = jnp.where(first, after_warmup_clip, jnp.minimum(gamma, after_warmup_clip))
     # after: clip units above lambda * gamma, then an EMA of the clipped norms
     limit = lam * gamma
     over = n > limit
-    unit_scale = jnp.where(over, limit / (n + e), jnp.ones_like(n))
+    unit_scale = _apply.as_factor(jnp.where(over, limit / (n + e), jnp.ones_like(n)), limit, n + e)
     clipped_norm = jnp.where(over, limit, n)
     ema_gamma = b * gamma + (1 - b) * clipped_norm
     return AdaGCUnits(
-        scale=jnp.where(warming, jnp.broadcast_to(warmup_scale.astype(dtype), n.shape), unit_scale),
+        scale=_apply.select(warming, warm_scale, unit_scale),
         gamma=jnp.where(warming, warm_gamma, ema_gamma),
     )

@@ -26,7 +26,9 @@ class ClipStats(NamedTuple):
     ``norm`` is always the global norm of the whole gradient, in the
     transform's ``ord``, and ``scale`` the ratio of the global norm after
     clipping to the one before: the factor applied to every element for the
-    global-norm clippers. Clippers that act per leaf or per unit add the
+    global-norm clippers (a factor below float32's smallest normal number, for a
+    norm more than 2^126 times the threshold, is recorded as 0 on CPU, though it
+    is applied exactly). Clippers that act per leaf or per unit add the
     fraction of units clipped and the largest unit norm to ``extra``; adaptive
     ones add their rule's statistics.
     """

@@ -41,7 +41,7 @@ def _tree_where(condition: Array, new: Any, old: Any) -> Any:
 def _global_rule_clipper(
     owner: str,
     rule: _rules.Rule,
-    scale_fn: Callable[[Array, _rules.RuleStep], Array],
+    scale_fn: Callable[[Array, _rules.RuleStep], _apply.Factor],
     policy: str,
     where: _clip.Mapped,
 ) -> optax.GradientTransformation:
@@ -141,7 +141,7 @@ def autoclip(
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
     where = _clip.mapped(owner, axis_name, replicated)
 
-    def scale_fn(norm: Array, step: _rules.RuleStep) -> Array:
+    def scale_fn(norm: Array, step: _rules.RuleStep) -> _apply.Factor:
         return _apply.scale_for(norm, step.target.astype(norm.dtype), eps=eps)
 
     rule = _rules.autoclip_rule(percentile, history)
@@ -254,13 +254,13 @@ def zclip(
         eps,
     )
 
-    def scale_fn(norm: Array, step: _rules.RuleStep) -> Array:
+    def scale_fn(norm: Array, step: _rules.RuleStep) -> _apply.Factor:
         target = step.target.astype(norm.dtype)
         # the reference clips with torch's clip_grad_norm_ during warmup, then
         # scales by target / (n + 1e-6) only when n > target
         warmup = _apply.scale_for(norm, target, eps=_TORCH_EPS)
         adaptive = _apply.scale_for(norm, target, eps=_TORCH_EPS, eps_in_condition=False)
-        return jnp.where(step.extra["warmup"] > 0, warmup, adaptive)
+        return _apply.select(step.extra["warmup"] > 0, warmup, adaptive)
 
     return _global_rule_clipper(owner, rule, scale_fn, policy, where)
 
@@ -332,7 +332,7 @@ def quantile_clip(
     where = _clip.mapped(owner, axis_name, replicated)
     rule = _rules.quantile_rule(target_quantile, learning_rate, initial_threshold, update_kind)
 
-    def scale_fn(norm: Array, step: _rules.RuleStep) -> Array:
+    def scale_fn(norm: Array, step: _rules.RuleStep) -> _apply.Factor:
         return _apply.scale_for(norm, step.target.astype(norm.dtype))
 
     return _global_rule_clipper(owner, rule, scale_fn, policy, where)
@@ -501,7 +501,8 @@ def adagc(
             step = _rules.adagc_units(
                 norm[None], state.gamma, warming, first, warmup_scale, lambda_rel, beta, eps
             )
-            scale = jnp.where(jnp.isnan(norm), jnp.nan, step.scale[0]).astype(norm.dtype)
+            value = jnp.where(jnp.isnan(norm), jnp.nan, step.scale.value[0])
+            scale = _apply.Factor(value.astype(norm.dtype), step.scale.tiny[0].astype(norm.dtype))
             out = _clip.rescale(owner, updates, measured, scale, policy)
             finite, new_scale, clipped = measured.finite, out.scale, out.clipped
             new_updates, clipped_fraction = out.updates, clipped.astype(dtype)
@@ -525,10 +526,12 @@ def adagc(
             step = _rules.adagc_units(
                 flat, state.gamma, warming, first, warmup_scale, lambda_rel, beta, eps
             )
-            unit_scale = jnp.where(jnp.isnan(flat), jnp.nan, step.scale)
+            unit_scale = (jnp.where(jnp.isnan(flat), jnp.nan, step.scale.value), step.scale.tiny)
             scales, start = [], 0
             for n in units.norms:
-                scales.append(unit_scale[start : start + n.size].reshape(n.shape).astype(n.dtype))
+                part = slice(start, start + n.size)
+                factors = (f[part].reshape(n.shape).astype(n.dtype) for f in unit_scale)
+                scales.append(_apply.Factor(*factors))
                 start += n.size
             new_updates = _clip.rescale_units(owner, updates, units, scales, policy)
             summary = _clip.summarize_units(units, scales, 2.0, policy)

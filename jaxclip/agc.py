@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclip import _checks, _clip, _norms
+from jaxclip import _apply, _checks, _clip, _norms
 from jaxclip._stats import ClipStats, initial_stats, next_stats
 
 Array = jax.Array
@@ -176,7 +176,7 @@ def agc(
             # where(g_norm < limit, 1, limit / d) written as one division (d / d == 1):
             # XLA then computes the scales once instead of inside every rescaled element
             d = jnp.maximum(g_norm, 1e-6)
-            scales.append(jnp.where(g_norm < limit, d, limit) / d)
+            scales.append(_apply.as_factor(jnp.where(g_norm < limit, d, limit) / d, limit, d))
             ratios.append(jnp.max(g_norm / w_star).astype(dtype))
         new_updates = _clip.rescale_units(owner, updates, units, scales, policy)
         summary = _clip.summarize_units(units, scales, 2.0, policy)

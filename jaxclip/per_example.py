@@ -101,11 +101,17 @@ def clip_and_sum(
         )
     paths, leaves, norms = _example_norms(owner, per_example_grads, axis_name)
     c = jnp.asarray(clip_norm).astype(norms.dtype)
-    scales = _apply.scale_for(norms, c)
-    # one contraction per leaf: no scaled copy of the per-example gradients
+    factors = _apply.scale_for(norms, c)
+    # one contraction per leaf: no scaled copy of the per-example gradients. When
+    # an example's scale is two factors (see _apply.Factor), every example is
+    # weighted by its scale / 2^-64 and the sums multiplied by 2^-64.
+    shift = jnp.min(factors.tiny, initial=1.0)
+    weights = factors.value * (factors.tiny / shift)
     summed = [
-        jnp.tensordot(scales, x.astype(scales.dtype), axes=(0, 0)).astype(x.dtype) for x in leaves
+        (jnp.tensordot(weights, x.astype(weights.dtype), axes=(0, 0)) * shift).astype(x.dtype)
+        for x in leaves
     ]
+    scales = factors.product()
     total = _checks.replace_leaves(jax.tree.map(lambda x: x[0], per_example_grads), paths, summed)
     finite = jnp.all(jnp.isfinite(norms))
     return ClippedSum(

@@ -145,3 +145,67 @@ def test_zero_threshold(name, mode):
         out, stats = _run(name, grads, mode, tx)
         np.testing.assert_array_equal(out["a"], [0.0, 0.0])
         assert not bool(jnp.any(jnp.isnan(stats.scale)))
+
+
+# Norms more than 2^126 times the threshold: the scale is below float32's smallest
+# normal number, which XLA on CPU flushes to zero (the update would be all zeros).
+FAR_ABOVE = {
+    "global_norm": (lambda: jaxclip.clip_by_global_norm(1.0), None),
+    "global_norm_eps": (lambda: jaxclip.clip_by_global_norm(1.0, eps=1e-6), None),
+    "tiny_threshold": (lambda: jaxclip.clip_by_global_norm(1e-30), None),
+    "norm": (lambda: jaxclip.clip_by_norm(1.0), "leaf"),
+    "columns": (lambda: jaxclip.clip_by_norm(1.0, axis=0), 0),
+    "quantile": (lambda: jaxclip.quantile_clip(), None),
+    "adagc_global": (lambda: jaxclip.adagc(scope="global"), None),
+    "adagc_units": (lambda: jaxclip.adagc(), "leaf"),
+}
+
+
+def _clipped_reference(g, threshold, axis):
+    """g rescaled as a whole (axis None), per leaf ("leaf") or per column (0), in float64."""
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(g)]
+    if axis is None:
+        norm = math.sqrt(sum(float(np.sum(x * x)) for x in leaves))
+        return [x * min(1.0, threshold / norm) for x in leaves]
+    out = []
+    for x in leaves:
+        columns = axis == 0 and x.ndim == 2
+        norm = np.sqrt(np.sum(x * x, axis=0 if columns else None, keepdims=True))
+        out.append(x * np.minimum(1.0, threshold / norm))
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", FAR_ABOVE)
+def test_norm_far_above_the_threshold_keeps_the_direction(name, mode):
+    make, axis = FAR_ABOVE[name]
+    big = 1e9 if name == "tiny_threshold" else 1e38
+    g = {
+        "w": jnp.array([[big, 3.0], [-2 * big, 5e-38]], jnp.float32),
+        "b": jnp.array([0.5 * big, -7.0], jnp.float32),
+    }
+    threshold = 1e-30 if name == "tiny_threshold" else 1.0
+    if name == "adagc_units":  # its first step clips the global norm to 1.0
+        axis = None
+    tx = make()
+    out, _ = MODES[mode](tx.update)(g, tx.init(g))
+    tiny = np.finfo(np.float32).tiny  # results below it are flushed
+    for got, want in zip(jax.tree.leaves(out), _clipped_reference(g, threshold, axis)):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=tiny)
+        assert np.any(np.abs(want) > 1e3 * tiny)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_agc_and_per_example_far_above_the_threshold(mode):
+    g = jnp.array([[1e38, 3.0], [-2e38, 5.0]], jnp.float32)
+    w = jnp.ones((2, 2), jnp.float32)
+    agc = jaxclip.agc(0.01)
+    out, _ = MODES[mode](agc.update)(g, agc.init(w), w)
+    limit = 0.01 * math.sqrt(2.0)  # 0.01 times each column's weight norm
+    want = _clipped_reference(g, limit, 0)[0]
+    np.testing.assert_allclose(out, want, rtol=2e-6, atol=np.finfo(np.float32).tiny)
+    # per example: one example far above, one below the bound
+    examples = jnp.array([[1e38, -2e38, 3.0], [0.3, 0.4, 0.0]], jnp.float32)
+    total = MODES[mode](lambda x: jaxclip.clip_and_sum(x, 1.0).total)(examples)
+    first = _clipped_reference(examples[0], 1.0, None)[0]
+    np.testing.assert_allclose(total, first + np.array([0.3, 0.4, 0.0]), rtol=2e-6)
