@@ -51,7 +51,9 @@ class Factor(NamedTuple):
 
 def as_factor(scale: Array, numerator: Array, denominator: Array) -> Factor:
     """``scale``, which is 1, NaN or ``numerator / denominator``, as a :class:`Factor`."""
-    small = scale < _TINY  # so the denominator is above 2^100 times the numerator
+    # a positive scale below 2^-100 (possibly flushed to 0): the denominator is
+    # above 2^100 times the numerator
+    small = (scale < _TINY) & (numerator > 0) & jnp.isfinite(denominator)
     one = jnp.ones_like(scale)
     # denominator * 2^-64 is at most 2^64 (float32), so its reciprocal is a normal
     # float; it is held at the smallest normal, below which the numerator would be

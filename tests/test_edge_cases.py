@@ -152,6 +152,8 @@ def test_zero_threshold(name, mode):
 FAR_ABOVE = {
     "global_norm": (lambda: jaxclip.clip_by_global_norm(1.0), None),
     "global_norm_eps": (lambda: jaxclip.clip_by_global_norm(1.0, eps=1e-6), None),
+    "global_norm_zero": (lambda: jaxclip.clip_by_global_norm(1.0, nonfinite="zero"), None),
+    "bfloat16": (lambda: jaxclip.clip_by_global_norm(1.0), None),
     "tiny_threshold": (lambda: jaxclip.clip_by_global_norm(1e-30), None),
     "norm": (lambda: jaxclip.clip_by_norm(1.0), "leaf"),
     "columns": (lambda: jaxclip.clip_by_norm(1.0, axis=0), 0),
@@ -180,9 +182,10 @@ def _clipped_reference(g, threshold, axis):
 def test_norm_far_above_the_threshold_keeps_the_direction(name, mode):
     make, axis = FAR_ABOVE[name]
     big = 1e9 if name == "tiny_threshold" else 1e38
+    dtype = jnp.bfloat16 if name == "bfloat16" else jnp.float32
     g = {
-        "w": jnp.array([[big, 3.0], [-2 * big, 5e-38]], jnp.float32),
-        "b": jnp.array([0.5 * big, -7.0], jnp.float32),
+        "w": jnp.array([[big, 3.0], [-2 * big, 5e-38]], dtype),
+        "b": jnp.array([0.5 * big, -7.0], dtype),
     }
     threshold = 1e-30 if name == "tiny_threshold" else 1.0
     if name == "adagc_units":  # its first step clips the global norm to 1.0
@@ -190,8 +193,10 @@ def test_norm_far_above_the_threshold_keeps_the_direction(name, mode):
     tx = make()
     out, _ = MODES[mode](tx.update)(g, tx.init(g))
     tiny = np.finfo(np.float32).tiny  # results below it are flushed
+    rtol = 8e-3 if dtype == jnp.bfloat16 else 2e-6
     for got, want in zip(jax.tree.leaves(out), _clipped_reference(g, threshold, axis)):
-        np.testing.assert_allclose(got, want, rtol=2e-6, atol=tiny)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=tiny)
         assert np.any(np.abs(want) > 1e3 * tiny)
 
 
