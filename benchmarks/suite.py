@@ -112,6 +112,7 @@ class Plan:
     step_rounds: int
     compile_leaves: tuple[int, ...]  # case 4, float32
     compile_bf16_leaves: tuple[int, ...]  # case 4, bfloat16
+    compile_unit_leaves: tuple[int, ...]  # case 4, the per-leaf and per-unit clippers
     compile_timeout_s: int
     batch: int  # case 5
     mlp: tuple[int, int, int]  # case 5: inputs, hidden units, outputs
@@ -143,6 +144,7 @@ FULL = Plan(
     step_rounds=40,
     compile_leaves=(10, 100, 2000),
     compile_bf16_leaves=(2000,),
+    compile_unit_leaves=(100, 2000),
     compile_timeout_s=400,
     batch=256,
     mlp=(784, 1024, 200),  # 1.01M parameters
@@ -158,6 +160,7 @@ QUICK = Plan(
     step_rounds=5,
     compile_leaves=(10, 100),
     compile_bf16_leaves=(),
+    compile_unit_leaves=(10,),
     compile_timeout_s=60,
     batch=32,
     mlp=(784, 256, 10),
@@ -510,25 +513,52 @@ def leaf_specs(n_leaves: int, dtype: str) -> dict[str, jax.ShapeDtypeStruct]:
     return {f"leaf{i:04d}": jax.ShapeDtypeStruct(s, dtype) for i, s in enumerate(shapes[:n_leaves])}
 
 
-def compile_child(impl: str, n_leaves: int, dtype: str) -> None:
+# Per clipper compiled: jaxclip's and its Optax counterpart (per leaf: Optax's
+# clip_by_block_rms, which clips each leaf's norm divided by sqrt(size)).
+COMPILED = {
+    "clip_by_global_norm": (
+        lambda: jaxclip.clip_by_global_norm(MAX_NORM),
+        lambda: optax.clip_by_global_norm(MAX_NORM),
+    ),
+    "clip_by_norm": (lambda: jaxclip.clip_by_norm(MAX_NORM), lambda: optax.clip_by_block_rms(1.0)),
+    "agc": (lambda: jaxclip.agc(0.01), lambda: optax.adaptive_grad_clip(0.01)),
+}
+OPTAX_COUNTERPART = {
+    "clip_by_global_norm": "optax.clip_by_global_norm",
+    "clip_by_norm": "optax.clip_by_block_rms",
+    "agc": "optax.adaptive_grad_clip",
+}
+UNIT_CLIPPERS = ("clip_by_norm", "agc")
+
+
+def compiled_clipper(row: dict[str, Any]) -> str:
+    # results written before the per-leaf rows were added hold the global clip alone
+    return row.get("clipper", "clip_by_global_norm")
+
+
+def compile_child(clipper: str, impl: str, n_leaves: int, dtype: str) -> None:
     """Runs in the child process: times lowering and compiling one clip update."""
     specs = leaf_specs(n_leaves, dtype)
-    if impl == "jaxclip":
-        tx = jaxclip.clip_by_global_norm(MAX_NORM)
-    else:
-        tx = optax.clip_by_global_norm(MAX_NORM)
+    ours, theirs = COMPILED[clipper]
+    tx = ours() if impl == "jaxclip" else theirs()
     state = jax.eval_shape(tx.init, specs)
     start = time.perf_counter()
-    lowered = jax.jit(tx.update).lower(specs, state)
+    # the parameters are the gradient's shapes (agc reads them)
+    lowered = jax.jit(tx.update).lower(specs, state, specs)
     mid = time.perf_counter()
     lowered.compile()
     end = time.perf_counter()
     print(json.dumps({"lower_s": mid - start, "compile_s": end - mid}))
 
 
-def compile_one(impl: str, n_leaves: int, dtype: str, timeout_s: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--compile-child", impl, str(n_leaves), dtype]
-    print(f"[compile] {impl}, {n_leaves} {dtype} leaves (limit {timeout_s} s)", flush=True)
+def compile_one(
+    clipper: str, impl: str, n_leaves: int, dtype: str, timeout_s: int
+) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--compile-child", clipper, impl, str(n_leaves), dtype]
+    print(
+        f"[compile] {clipper}, {impl}, {n_leaves} {dtype} leaves (limit {timeout_s} s)",
+        flush=True,
+    )
     try:
         # a child on a GPU must not try to preallocate memory this process holds
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
@@ -544,12 +574,13 @@ def compile_one(impl: str, n_leaves: int, dtype: str, timeout_s: int) -> dict[st
 
 def compile_case(plan: Plan) -> list[dict[str, Any]]:
     rows = []
-    cases = [(n, "float32") for n in plan.compile_leaves]
-    cases += [(n, "bfloat16") for n in plan.compile_bf16_leaves]
-    for n, dtype in cases:
-        row = {"leaves": n, "dtype": dtype}
+    cases = [("clip_by_global_norm", n, "float32") for n in plan.compile_leaves]
+    cases += [("clip_by_global_norm", n, "bfloat16") for n in plan.compile_bf16_leaves]
+    cases += [(c, n, "float32") for c in UNIT_CLIPPERS for n in plan.compile_unit_leaves]
+    for clipper, n, dtype in cases:
+        row = {"clipper": clipper, "leaves": n, "dtype": dtype}
         for impl in ("jaxclip", "optax"):
-            row[impl] = compile_one(impl, n, dtype, plan.compile_timeout_s)
+            row[impl] = compile_one(clipper, impl, n, dtype, plan.compile_timeout_s)
         rows.append(row)
     return rows
 
@@ -684,20 +715,32 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         copying = min(c["torch_over_jaxclip"] for c in clips if c["torch_over_jaxclip"])
         rows[-1]["measured"] += f", in place; {copying:.2f}x with a fresh output"
 
-    most = max(row["leaves"] for row in results["compile"])
-    rows_most = [row for row in results["compile"] if row["leaves"] == most]
-    texts, value = [], 0.0
-    for row in rows_most:
-        ours, theirs = row["jaxclip"].get("total_s"), row["optax"].get("total_s")
-        # an Optax compile stopped at the time limit counts as taking the limit
-        theirs = theirs if theirs is not None else row["optax"].get("timeout_s")
-        value = (
-            None if ours is None or theirs is None or value is None else max(value, ours / theirs)
-        )
-        texts.append(
-            f"{row['dtype']}: {fmt_seconds(row['jaxclip'])} vs {fmt_seconds(row['optax'])}"
-        )
-    add(f"compile time with {most} leaves <= Optax", "compile", value, "; ".join(texts))
+    def compile_target(target: str, clippers: tuple[str, ...]) -> None:
+        compiled = [row for row in results["compile"] if compiled_clipper(row) in clippers]
+        if not compiled:
+            return
+        most = max(row["leaves"] for row in compiled)
+        texts, value = [], 0.0
+        for row in compiled:
+            if row["leaves"] != most:
+                continue
+            ours, theirs = row["jaxclip"].get("total_s"), row["optax"].get("total_s")
+            # an Optax compile stopped at the time limit counts as taking the limit
+            theirs = theirs if theirs is not None else row["optax"].get("timeout_s")
+            value = (
+                None
+                if ours is None or theirs is None or value is None
+                else max(value, ours / theirs)
+            )
+            label = row["dtype"] if len(clippers) == 1 else compiled_clipper(row)
+            texts.append(f"{label}: {fmt_seconds(row['jaxclip'])} vs {fmt_seconds(row['optax'])}")
+        add(target.format(most=most), "compile", value, "; ".join(texts))
+
+    compile_target("compile time with {most} leaves <= Optax", ("clip_by_global_norm",))
+    compile_target(
+        "per-leaf and per-unit clippers: compile time with {most} leaves <= Optax's",
+        UNIT_CLIPPERS,
+    )
     worst_clip("robust_over_naive", "robust norm costs nothing measurable (<= 1.03x naive)", "norm")
     return rows
 
@@ -881,7 +924,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "### Compile time against the number of leaves", ""]
     lines += [
         "Lowering plus compiling one jitted clip update, each in a fresh process; "
-        "leaves shaped like a transformer's (d_model 128).",
+        "leaves shaped like a transformer's (d_model 128). Optax's counterparts: "
+        + ", ".join(f"`{c}`: `{OPTAX_COUNTERPART[c]}`" for c in COMPILED)
+        + ".",
         "",
     ]
     rows = []
@@ -889,9 +934,15 @@ def markdown(results: dict[str, Any]) -> str:
         ours, theirs = row["jaxclip"], row["optax"]
         r = ratio(ours.get("total_s"), theirs.get("total_s"))
         rows.append(
-            [f"{row['leaves']} {row['dtype']}", fmt_seconds(ours), fmt_seconds(theirs), fmt_x(r)]
+            [
+                compiled_clipper(row),
+                f"{row['leaves']} {row['dtype']}",
+                fmt_seconds(ours),
+                fmt_seconds(theirs),
+                fmt_x(r, LIMITS["compile"]),
+            ]
         )
-    lines += table(["leaves", "jaxclip", "Optax", "jaxclip / Optax"], rows)
+    lines += table(["clipper", "leaves", "jaxclip", "Optax", "jaxclip / Optax"], rows)
 
     pe = results["per_example"]
     lines += ["", "### Per-example clipping", ""]
@@ -1022,11 +1073,11 @@ def main() -> None:
         type=float,
         help="the accelerator's peak memory bandwidth in GB/s, when PEAK_GBPS lacks it",
     )
-    parser.add_argument("--compile-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--compile-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.compile_child:
-        impl, n, dtype = args.compile_child
-        compile_child(impl, int(n), dtype)
+        clipper, impl, n, dtype = args.compile_child
+        compile_child(clipper, impl, int(n), dtype)
         return
     out = pathlib.Path(args.out)
     if args.render:

@@ -385,7 +385,18 @@ def add_all(arrays: Sequence[Array]) -> Array:
 
 def all_true(flags: Sequence[Array]) -> Array:
     """Whether every element of every array in ``flags`` is True (True if empty)."""
-    return jnp.all(jnp.stack([jnp.all(f) for f in flags])) if flags else jnp.array(True)
+    if not flags:
+        return jnp.array(True)
+    if all(is_local(f) for f in flags):  # one reduction, not one per array
+        return jnp.all(jnp.concatenate([jnp.ravel(f) for f in flags]))
+    return jnp.all(jnp.stack([jnp.all(f) for f in flags]))
+
+
+def max_of(arrays: Sequence[Array]) -> Array:
+    """The largest element of a non-empty sequence of arrays of one dtype."""
+    if all(is_local(a) for a in arrays):  # one reduction, not one per array
+        return jnp.max(jnp.concatenate([jnp.ravel(a) for a in arrays]))
+    return jnp.max(jnp.stack([jnp.max(a) for a in arrays]))
 
 
 def combine_norms(norms: Sequence[Array], p: float) -> Array:
@@ -592,6 +603,11 @@ def norm_and_extremes(
 
     norm, finite = lax.cond(_needs_rescue(total, 2.0, True), rescue, plain)
     return NormAndExtremes(norm, finite, tops, bottoms, packed.gather)
+
+
+def is_local(x: Array) -> bool:
+    """Whether ``x`` can be stacked or concatenated with others without moving data."""
+    return _layout(x) == "local"
 
 
 def _layout(x: Array) -> str | None:

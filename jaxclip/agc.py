@@ -177,7 +177,7 @@ def agc(
             # XLA then computes the scales once instead of inside every rescaled element
             d = jnp.maximum(g_norm, 1e-6)
             scales.append(_apply.as_factor(jnp.where(g_norm < limit, d, limit) / d, limit, d))
-            ratios.append(jnp.max(g_norm / w_star).astype(dtype))
+            ratios.append((g_norm / w_star).astype(dtype))
         new_updates = _clip.rescale_units(owner, updates, units, scales, policy)
         summary = _clip.summarize_units(units, scales, 2.0, policy)
         stats = next_stats(
@@ -189,7 +189,7 @@ def agc(
             finite=units.step_finite,
             extra={
                 "clipped_fraction": summary.clipped_fraction,
-                "max_ratio": jnp.max(jnp.stack(ratios)) if ratios else jnp.zeros((), dtype),
+                "max_ratio": _norms.max_of(ratios) if ratios else jnp.zeros((), dtype),
             },
         )
         return new_updates, stats

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import np_norm
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -318,6 +319,41 @@ def test_agc_agrees_with_optax_and_the_paper(clipping):
     for got, g, w in zip(jax.tree.leaves(ours), jax.tree.leaves(grads), jax.tree.leaves(params)):
         np.testing.assert_allclose(got, ref.agc(g, w, clipping), rtol=1e-5, atol=1e-12)
     assert float(stats.threshold) == pytest.approx(clipping)
+
+
+def test_agc_statistics_over_many_leaves_match_a_numpy_rule():
+    # 20 small leaves of one shape (reduced as a stack) beside leaves of their own
+    rng = np.random.default_rng(4)
+    shapes = [(3, 4)] * 20 + [(40, 50), (7,), (2, 3, 2, 5)]
+    params = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    grads = [
+        jnp.asarray(rng.normal(size=s) * rng.choice([0.001, 1.0]), jnp.float32) for s in shapes
+    ]
+    clipping, eps = 0.05, 1e-3
+    tx = jaxclip.agc(clipping)
+    out, stats = jax.jit(tx.update)(grads, tx.init(params), params)
+
+    ratios, clipped, units = [], 0, 0
+    for g, w in zip(grads, params):
+        g64, w64 = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        axis = None if g64.ndim <= 1 else (0,) if g64.ndim == 2 else (0, 1, 2)
+        g_norm = np.sqrt(np.sum(g64**2, axis=axis))
+        w_star = np.maximum(np.sqrt(np.sum(w64**2, axis=axis)), eps)
+        ratios.append(np.ravel(g_norm / w_star))
+        clipped += int(np.sum(g_norm > clipping * w_star))
+        units += np.size(g_norm)
+    expected = [ref.agc(g, w, clipping) for g, w in zip(grads, params)]
+    for got, want in zip(out, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+    before = np_norm([np.asarray(g, np.float64) for g in grads])
+    assert float(stats.norm) == pytest.approx(before, rel=1e-6)
+    assert float(stats.scale) == pytest.approx(np_norm(expected) / before, rel=1e-5)
+    assert 0 < clipped < units
+    assert float(stats.extra["clipped_fraction"]) == pytest.approx(clipped / units)
+    assert float(stats.extra["max_ratio"]) == pytest.approx(
+        np.max(np.concatenate(ratios)), rel=1e-6
+    )
+    assert bool(stats.clipped) and bool(stats.finite)
 
 
 def test_agc_exclusion_by_path_function_and_mask():

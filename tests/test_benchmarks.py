@@ -34,7 +34,13 @@ def test_quick_suite_writes_every_table_and_renders_an_accelerator(tmp_path):
     for section in SECTIONS:
         assert section in text
     results = json.loads((tmp_path / "suite.json").read_text())
-    assert len(results["targets"]) == 8
+    assert len(results["targets"]) == 9
+    # compile rows for the global clip and for each per-leaf or per-unit clipper
+    compiled = {row["clipper"] for row in results["compile"]}
+    assert compiled == {"clip_by_global_norm", "clip_by_norm", "agc"}
+    assert all(
+        "total_s" in row[impl] for row in results["compile"] for impl in ("jaxclip", "optax")
+    )
     assert all(t["met"] in (True, False, None) for t in results["targets"])
     # the per-example contenders must agree before their times mean anything
     assert results["per_example"]["results_agree"] is True
