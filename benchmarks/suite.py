@@ -5,7 +5,7 @@
 Writes ``suite.json`` (every figure, every sample and the machine), ``suite.md``
 (the tables, each target marked met or missed) and ``time_vs_size.png`` to the
 output folder. ``--quick`` runs small trees and few rounds, to check that the
-suite works; the full run takes about 15 minutes on 2 cores. ``--render`` only
+suite works; the full run takes about 8 to 11 minutes on 2 cores. ``--render`` only
 rewrites ``suite.md`` and the plot from an existing ``suite.json``. PyTorch is
 optional: without it the PyTorch columns read "not installed".
 benchmarks/README.md describes each case and the targets.
