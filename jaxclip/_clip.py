@@ -235,6 +235,6 @@ def summarize_units(
 
 def _flat(arrays: Any, shapes_of: list[Array], dtype: Any) -> Array:
     """``arrays``, each broadcast to the shape of its partner in ``shapes_of``, in one vector."""
-    return jnp.concatenate(
-        [jnp.ravel(jnp.broadcast_to(a, n.shape)).astype(dtype) for a, n in zip(arrays, shapes_of)]
+    return _norms.ravel_all(
+        [jnp.broadcast_to(a, n.shape).astype(dtype) for a, n in zip(arrays, shapes_of)]
     )

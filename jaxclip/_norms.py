@@ -383,20 +383,27 @@ def add_all(arrays: Sequence[Array]) -> Array:
     return total
 
 
+def ravel_all(arrays: Sequence[Array]) -> Array:
+    """The elements of a non-empty sequence of arrays of one dtype, in one vector."""
+    return jnp.concatenate([jnp.ravel(a) for a in arrays])
+
+
+def _reduce_all(reduce: Callable[[Array], Array], arrays: Sequence[Array]) -> Array:
+    # one reduction of all the elements, not one per array (each costs XLA compile
+    # time), unless the arrays are sharded: then concatenating them would move data
+    if all(is_local(a) for a in arrays):
+        return reduce(ravel_all(arrays))
+    return reduce(jnp.stack([reduce(a) for a in arrays]))
+
+
 def all_true(flags: Sequence[Array]) -> Array:
     """Whether every element of every array in ``flags`` is True (True if empty)."""
-    if not flags:
-        return jnp.array(True)
-    if all(is_local(f) for f in flags):  # one reduction, not one per array
-        return jnp.all(jnp.concatenate([jnp.ravel(f) for f in flags]))
-    return jnp.all(jnp.stack([jnp.all(f) for f in flags]))
+    return _reduce_all(jnp.all, flags) if flags else jnp.array(True)
 
 
 def max_of(arrays: Sequence[Array]) -> Array:
     """The largest element of a non-empty sequence of arrays of one dtype."""
-    if all(is_local(a) for a in arrays):  # one reduction, not one per array
-        return jnp.max(jnp.concatenate([jnp.ravel(a) for a in arrays]))
-    return jnp.max(jnp.stack([jnp.max(a) for a in arrays]))
+    return _reduce_all(jnp.max, arrays)
 
 
 def combine_norms(norms: Sequence[Array], p: float) -> Array:

@@ -518,11 +518,7 @@ def adagc(
                 )
             norm = _norms.combine_norms(units.norms, 2.0)
             warmup_scale = _apply.scale_for(norm, limit.astype(norm.dtype), eps=eps)
-            flat = (
-                jnp.concatenate([jnp.ravel(n) for n in units.norms])
-                if sizes
-                else jnp.zeros((0,), norm.dtype)
-            )
+            flat = _norms.ravel_all(units.norms) if sizes else jnp.zeros((0,), norm.dtype)
             step = _rules.adagc_units(
                 flat, state.gamma, warming, first, warmup_scale, lambda_rel, beta, eps
             )
