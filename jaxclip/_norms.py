@@ -36,8 +36,10 @@ _SIGNED_INT = {np.dtype(np.float32): jnp.int32, np.dtype(np.float64): jnp.int64}
 
 # Small leaves of the same shape and layout are stacked and reduced together
 # once there are at least _PACK_COUNT of them: thousands of tiny reductions
-# cost XLA minutes to compile, one reduction of their stack seconds, and
-# copying leaves of up to _PACK_LIMIT elements costs next to nothing at run time.
+# cost XLA minutes to compile, one reduction of their stack seconds. XLA on CPU
+# copies the stack first, which for leaves of up to _PACK_LIMIT elements costs
+# little (444 leaves of 128 x 128: 3.2 ms against 2.4 ms reduced one by one);
+# at four times the limit agc ran 40% slower on 2000 transformer-like leaves.
 _PACK_LIMIT = 1 << 14
 _PACK_COUNT = 16
 
