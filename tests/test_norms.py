@@ -277,6 +277,34 @@ def test_many_small_leaves_are_grouped_without_changing_results(p):
         np.testing.assert_allclose(got, want, rtol=2e-6)
 
 
+@pytest.mark.parametrize("first", [1.0, math.inf, math.nan, -3e38])
+def test_stacked_leaves_read_their_own_norm(first):
+    """Alike small leaves are reduced as one stack and each reads its row back by a
+    number XLA on CPU is not shown (the count of a loop that never runs, from the
+    stack's first element, whatever that element is)."""
+    tree = {f"w{i:02d}": jnp.full((3, 4), float(i + 1)) for i in range(40)}
+    tree["w00"] = tree["w00"].at[0, 0].set(first)
+    tx = jaxclip.clip_by_norm(1.0, nonfinite="zero")
+    clip = jax.jit(lambda g: tx.update(g, tx.init(g))[0])
+    out = clip(tree)
+    for i in range(1, 40):
+        np.testing.assert_allclose(out[f"w{i:02d}"], np.full((3, 4), 12**-0.5), rtol=1e-6)
+    batched = jax.vmap(clip)(jax.tree.map(lambda x: jnp.stack([x, 2 * x]), tree))
+    np.testing.assert_allclose(batched["w07"], np.full((2, 3, 4), 12**-0.5), rtol=1e-6)
+    first_leaf = jax.grad(lambda g: clip(g)["w05"][0, 0])(tree)
+    assert float(jnp.abs(first_leaf["w05"]).sum()) > 0
+    others = [v for k, v in first_leaf.items() if k not in ("w00", "w05")]
+    assert all(float(jnp.abs(v).sum()) == 0 for v in others)
+
+
+def test_row_numbers_are_hidden_on_cpu_only():
+    tree = {f"w{i}": jnp.ones((3, 4)) for i in range(40)}
+    tx = jaxclip.clip_by_norm(1.0)
+    traced = jax.jit(lambda g: tx.update(g, tx.init(g))[0]).trace(tree)
+    assert "stablehlo.while" in traced.lower(lowering_platforms=("cpu",)).as_text()
+    assert "stablehlo.while" not in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
 def _extremes(leaves, magnitude=False, jit=True):
     """norm_and_extremes as (norm, finite, per-leaf tops, per-leaf bottoms)."""
 
