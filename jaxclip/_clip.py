@@ -223,7 +223,7 @@ def summarize_units(
     ratio = _apply.reported_scale(ratio, units.step_finite, policy)
     n_units = sum(n.size for n in norms)
     n_clipped = sum(jnp.sum((s.value != 1) & f) for s, f in zip(scales, finite))
-    largest = _norms.max_of(norms) if norms else jnp.zeros((), dtype)
+    largest = _norms.max_of(norms) if n_units else jnp.zeros((), dtype)
     return UnitSummary(
         norm=before,
         scale=ratio,

@@ -11,8 +11,9 @@ true norm lies outside the accumulation dtype's range.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -458,8 +459,10 @@ class SliceNorms(NamedTuple):
     """Norms computed on a few work arrays, each standing for one or more leaves.
 
     Small leaves of equal shape are stacked and reduced together (see
-    :func:`slice_norms`); elementwise work on the norms is cheapest on these
-    arrays, and ``split`` hands out one result per original leaf at the end.
+    :func:`slice_norms`), and the norms are gathered in one vector where the
+    leaves allow it (one accumulation dtype, no sharding to respect), else kept
+    per work array. Elementwise work on the norms is cheapest in that form, and
+    ``split`` hands out one result per original leaf at the end.
     """
 
     norms: list[Array]
@@ -497,10 +500,96 @@ def slice_norms(
     """
     flags = list(replicated) if replicated is not None else [False] * len(leaves)
     packed = _stack_alike(leaves, axes, flags)
+    across = Across(axis_name)
+    local = packed.work and all(is_local(x) for x in packed.work)
+    if local and len({_acc(x) for x in packed.work}) == 1:
+        return _norms_in_one_vector(packed, p, sanitize, rescue_tiny, across)
     norms, finite = _slice_norms(
-        packed.work, p, packed.axes, sanitize, rescue_tiny, Across(axis_name), packed.flags
+        packed.work, p, packed.axes, sanitize, rescue_tiny, across, packed.flags
     )
     return SliceNorms(norms, finite, packed.split)
+
+
+def _norms_in_one_vector(
+    packed: Packed, p: float, sanitize: bool, rescue_tiny: bool, across: Across
+) -> SliceNorms:
+    """:func:`slice_norms` with every unit's norm in one vector, work array after
+    work array: what follows (scales, policies, statistics) is then a few
+    operations on that vector instead of a few per work array, and each leaf
+    reads its own part at an offset hidden from XLA (see :func:`_hidden_numbers`).
+    """
+    work = list(zip(packed.work, packed.axes, packed.flags))
+
+    def reduced(reduce: Callable[[Array, tuple[int, ...] | None], Array]) -> list[Array]:
+        return [reduce(x, a) for x, a, _ in work]
+
+    sums = [
+        across.sum(s, r)
+        for s, (_, _, r) in zip(reduced(lambda x, a: _unit_sums(x, a, p, False)), work)
+    ]
+    shapes = [s.shape for s in sums]
+    starts = list(itertools.accumulate((math.prod(shape) for shape in shapes), initial=0))
+    leaf_starts = []
+    for (idx, kind), start, shape in zip(packed.origins, starts, shapes):
+        step = math.prod(shape[1:]) if kind != "leaf" else 0
+        leaf_starts += [start + j * step for j in range(len(idx))]
+    hidden = _hidden_numbers(sums, starts[:-1] + leaf_starts)
+
+    def maxima(sanitized: bool) -> Array:
+        return ravel_all(
+            [
+                across.max(m, r)
+                for m, (_, _, r) in zip(reduced(lambda x, a: _max_abs(x, a, sanitized)), work)
+            ]
+        )
+
+    def split(results: Sequence[Array]) -> list[Array]:
+        (vector,) = results
+        out: list[Any] = [None] * sum(len(idx) for idx, _ in packed.origins)
+        for (idx, kind), start, shape in zip(packed.origins, starts, shapes):
+            if kind == "leaf":
+                out[idx[0]] = _segment(vector, hidden[start], shape)
+                continue
+            part = shape[1:] if kind == "slices" else ()
+            for j, i in enumerate(idx):
+                out[i] = _segment(vector, hidden[start + j * math.prod(shape[1:])], part)
+        return out
+
+    if p == math.inf:
+        raw = maxima(False)
+        finite = jnp.isfinite(raw)
+        if sanitize:
+            raw = lax.cond(jnp.all(finite), lambda: raw, lambda: maxima(True))
+        return SliceNorms([raw], [finite], split)
+
+    total = ravel_all(sums)
+    checked = [s for s, (x, _, _) in zip(sums, work) if x.size > 0]
+    need = _needs_rescue(ravel_all(checked), p, rescue_tiny) if checked else jnp.array(False)
+
+    def plain() -> tuple[Array, Array]:
+        norms = _root(total, p)
+        return norms, jnp.isfinite(norms)
+
+    def rescue() -> tuple[Array, Array]:
+        raw_max = maxima(False)
+        scale = Scale.near(maxima(True) if sanitize else raw_max)
+        parts = []
+        for (x, a, r), start, shape in zip(work, starts, shapes):
+            shrink = _segment(scale.shrink, hidden[start], shape)
+            parts.append(across.sum(_unit_sums(x, a, p, sanitize, shrink), r))
+        norms = _root(ravel_all(parts), p) * scale.grow
+        return norms, jnp.isfinite(raw_max) & jnp.isfinite(norms)
+
+    norms, finite = lax.cond(need, rescue, plain)
+    return SliceNorms([norms], [finite], split)
+
+
+def _unit_sums(
+    x: Array, axes: tuple[int, ...] | None, p: float, sanitize: bool, shrink: Array | None = None
+) -> Array:
+    """``sum((|x| * shrink)^p)`` over ``axes`` (kept as size-1 dims; None: all)."""
+    scale = None if shrink is None else Scale(shrink, shrink)
+    return jnp.sum(_power(x, p, sanitize, scale), axis=axes, keepdims=axes is not None)
 
 
 def per_leaf_count(leaves: Sequence[Array], predicate: Callable[[Array], Array]) -> list[Array]:
@@ -654,14 +743,17 @@ class Packed(NamedTuple):
     """Leaves regrouped for reduction by :func:`_stack_alike`.
 
     ``work``: the arrays to reduce (a leaf, or a stack of small alike leaves),
-    with their ``axes`` and replication ``flags``; ``split`` maps one result
-    per work array back to one per leaf; ``gather`` maps one scalar per leaf
-    to one value per work array (a vector for a stack).
+    with their ``axes`` and replication ``flags``; ``origins``: per work array,
+    its leaves' indices and whether it is one ``"leaf"`` or a stack of leaves
+    reduced ``"whole"`` or by ``"slices"``; ``split`` maps one result per work
+    array back to one per leaf; ``gather`` maps one scalar per leaf to one value
+    per work array (a vector for a stack).
     """
 
     work: list[Array]
     axes: list[tuple[int, ...] | None]
     flags: list[bool]
+    origins: list[tuple[list[int], str]]
     split: Callable[[Sequence[Array]], list[Array]]
     gather: Callable[[Sequence[Array]], list[Array]]
 
@@ -681,12 +773,13 @@ def _stack_alike(
             groups.setdefault((x.shape, _acc(x), a, r, layout), []).append(i)
     groups = {k: idx for k, idx in groups.items() if len(idx) > 1}
     if sum(len(idx) for idx in groups.values()) < _PACK_COUNT:
-        return Packed(list(leaves), list(axes), list(replicated), list, list)
+        alone = [([i], "leaf") for i in range(len(leaves))]
+        return Packed(list(leaves), list(axes), list(replicated), alone, list, list)
 
     work: list[Array] = []
     work_axes: list[tuple[int, ...] | None] = []
     work_flags: list[bool] = []
-    origins: list[tuple[list[int], str]] = []  # leaf indices; "leaf", "whole" or "slices"
+    origins: list[tuple[list[int], str]] = []
     for (shape, _, a, r, _), idx in groups.items():
         work.append(jnp.stack([leaves[i] for i in idx]))
         work_axes.append(tuple(range(1, len(shape) + 1)) if a is None else tuple(d + 1 for d in a))
@@ -700,10 +793,9 @@ def _stack_alike(
             work_flags.append(r)
             origins.append(([i], "leaf"))
 
-    rows = _row_numbers(work[0], max(len(idx) for idx in groups.values()))
-
     def split(results: Sequence[Array]) -> list[Array]:
         out: list[Any] = [None] * len(leaves)
+        rows = _hidden_numbers(work[:1], range(max(len(idx) for idx in groups.values())))
         for result, (idx, kind) in zip(results, origins):
             if kind == "leaf":
                 out[idx[0]] = result
@@ -719,27 +811,39 @@ def _stack_alike(
             for idx, kind in origins
         ]
 
-    return Packed(work, work_axes, work_flags, split, gather)
+    return Packed(work, work_axes, work_flags, origins, split, gather)
 
 
-def _row_numbers(probe: Array, count: int) -> tuple[Array, ...]:
-    """The numbers 0 .. count - 1 as int32 scalars, hidden from XLA on CPU.
+def _hidden_numbers(probes: Sequence[Array], numbers: Iterable[int]) -> dict[int, Array]:
+    """``numbers`` as int32 scalars, hidden from XLA on CPU.
 
-    Reading row j of a stack by a constant j gives each leaf's reader a kernel
-    of its own, and XLA on CPU compiles each distinct kernel anew (888 stacked
-    leaves of one shape: 888 kernels). Read by a number known only at run
-    time, the readers of leaves of one shape share one kernel. On CPU the
+    Reading a vector or a stack at a constant offset gives each leaf's reader a
+    kernel of its own, and XLA on CPU compiles each distinct kernel anew (888
+    stacked leaves of one shape: 888 kernels). Read at an offset known only at
+    run time, the readers of leaves of one shape share one kernel. On CPU the
     numbers come out of a loop that runs no times, its count (at most 0, from an
-    element of ``probe``) unknown to XLA, so it cannot fold them back in; other
-    platforms, where such a loop may cost a wait for the device, get constants.
+    element of the first non-empty array in ``probes``) unknown to XLA, so it
+    cannot fold them back in; other platforms, where such a loop may cost a wait
+    for the device, get constants.
     """
-    rows = tuple(jnp.int32(j) for j in range(count))
+    keys = sorted(set(numbers))
+    constants = tuple(jnp.int32(k) for k in keys)
+    probe = next((x for x in probes if x.size > 0), None)
+    if probe is None:
+        return dict(zip(keys, constants))
 
     def hidden() -> tuple[Array, ...]:
         trips = jnp.minimum(lax.convert_element_type(jnp.ravel(probe)[0], jnp.int32), 0)
-        return lax.fori_loop(0, trips, lambda _, r: tuple(j ^ 1 for j in r), rows)
+        return lax.fori_loop(0, trips, lambda _, r: tuple(k ^ 1 for k in r), constants)
 
-    return lax.platform_dependent(cpu=hidden, default=lambda: rows)
+    values = lax.platform_dependent(cpu=hidden, default=lambda: constants)
+    return dict(zip(keys, values))
+
+
+def _segment(vector: Array, start: Array, shape: tuple[int, ...]) -> Array:
+    """The ``prod(shape)`` elements of ``vector`` from ``start``, shaped ``shape``."""
+    size = math.prod(shape)
+    return lax.dynamic_slice(vector, (start,), (size,), allow_negative_indices=False).reshape(shape)
 
 
 def _slice_norms(
@@ -765,12 +869,7 @@ def _slice_norms(
             return raw, finite
         return lax.cond(all_true(finite), lambda: raw, lambda: maxima(True)), finite
 
-    def keep(a: Any) -> bool:
-        return a is not None
-
-    sums = [
-        across.sum(jnp.sum(_power(x, p, False), axis=a, keepdims=keep(a)), r) for x, a, r in work
-    ]
+    sums = [across.sum(_unit_sums(x, a, p, False), r) for x, a, r in work]
     checks = [_needs_rescue(s, p, rescue_tiny) for s, x in zip(sums, leaves) if x.size > 0]
     need = any_true(checks)
 
@@ -784,8 +883,7 @@ def _slice_norms(
         norms = []
         for (x, a, r), m in zip(work, scales):
             scale = Scale.near(m)
-            powers = _power(x, p, sanitize, scale)
-            part = across.sum(jnp.sum(powers, axis=a, keepdims=keep(a)), r)
+            part = across.sum(_unit_sums(x, a, p, sanitize, scale.shrink), r)
             norms.append(_root(part, p) * scale.grow)
         finite = [jnp.isfinite(m) & jnp.isfinite(n) for m, n in zip(raw_max, norms)]
         return norms, finite

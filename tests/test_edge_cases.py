@@ -118,6 +118,18 @@ def test_empty_tree(name, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", CLIPPERS)
+def test_empty_leaves(name, mode):
+    grads = {"a": jnp.zeros((0, 3)), "b": jnp.zeros((0, 3))}
+    out, stats = _run(name, grads, mode)
+    assert out["a"].shape == (0, 3) and out["b"].shape == (0, 3)
+    assert float(stats.norm) == 0.0 and not bool(stats.clipped)
+    # per row: no units at all
+    out, stats = _run(name, grads, mode, jaxclip.clip_by_norm(1.0, axis=1))
+    assert out["a"].shape == (0, 3) and float(stats.extra["max_unit_norm"]) == 0.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CLIPPERS)
 def test_none_leaves(name, mode):
     grads = {"a": None, "b": jnp.array([6.0, 8.0]), "c": [None, jnp.array([0.5])]}
     out, stats = _run(name, grads, mode)
