@@ -297,6 +297,20 @@ def test_stacked_leaves_read_their_own_norm(first):
     assert all(float(jnp.abs(v).sum()) == 0 for v in others)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_large_leaf_reads_its_norm_apart_from_its_neighbours(bad):
+    """A large leaf's scale is read from the vector of all scales beside its
+    neighbour's: a non-finite neighbour must not leak into it."""
+    big = jnp.full((200, 100), 0.01)  # above the stacking limit: read apart
+    tree = {"a": big, "b": jnp.array([bad, 1.0]), "c": 2 * big}
+    tx = jaxclip.clip_by_norm(1.0)
+    out = jax.jit(lambda g: tx.update(g, tx.init(g))[0])(tree)
+    # norms sqrt(2) and 2 sqrt(2): both clipped to 1
+    np.testing.assert_allclose(out["a"], np.full((200, 100), 0.01 / 2**0.5), rtol=1e-5)
+    np.testing.assert_allclose(out["c"], np.full((200, 100), 0.01 / 2**0.5), rtol=1e-5)
+    assert not np.isfinite(np.asarray(out["b"])).all()
+
+
 def test_row_numbers_are_hidden_on_cpu_only():
     tree = {f"w{i}": jnp.ones((3, 4)) for i in range(40)}
     tx = jaxclip.clip_by_norm(1.0)
