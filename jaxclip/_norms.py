@@ -460,9 +460,9 @@ class SliceNorms(NamedTuple):
     """Norms computed on a few work arrays, each standing for one or more leaves.
 
     Small leaves of equal shape are stacked and reduced together (see
-    :func:`slice_norms`), and the norms are gathered in one vector where the
-    leaves allow it (one accumulation dtype, no sharding to respect), else kept
-    per work array. Elementwise work on the norms is cheapest in that form, and
+    :func:`slice_norms`), and whole-leaf norms are gathered in one vector where
+    the leaves allow it (one accumulation dtype, no sharding to respect); other
+    norms are kept per work array. Elementwise work on the norms is cheapest in that form, and
     ``split`` hands out one result per original leaf at the end.
     """
 
@@ -517,10 +517,11 @@ def slice_norms(
 def _norms_in_one_vector(
     packed: Packed, p: float, sanitize: bool, rescue_tiny: bool, across: Across
 ) -> SliceNorms:
-    """:func:`slice_norms` with every unit's norm in one vector, work array after
-    work array: what follows (scales, policies, statistics) is then a few
-    operations on that vector instead of a few per work array, and each leaf
-    reads its own part at an offset hidden from XLA (see :func:`_hidden_numbers`).
+    """:func:`slice_norms` of whole leaves with every norm in one vector, work
+    array after work array (a leaf's, or a stack's one per leaf): what follows
+    (scales, policies, statistics) is then a few operations on that vector
+    instead of a few per work array, and each leaf reads its own element at an
+    offset hidden from XLA (see :func:`_hidden_numbers`).
     """
     work = list(zip(packed.work, packed.axes, packed.flags))
 
@@ -531,13 +532,9 @@ def _norms_in_one_vector(
         across.sum(s, r)
         for s, (_, _, r) in zip(reduced(lambda x, a: _unit_sums(x, a, p, False)), work)
     ]
-    shapes = [s.shape for s in sums]
+    shapes = [s.shape for s in sums]  # () for a leaf, (count, 1, ...) for a stack
     starts = list(itertools.accumulate((math.prod(shape) for shape in shapes), initial=0))
-    leaf_starts = []
-    for (idx, kind), start, shape in zip(packed.origins, starts, shapes):
-        step = math.prod(shape[1:]) if kind != "leaf" else 0
-        leaf_starts += [start + j * step for j in range(len(idx))]
-    hidden = _hidden_numbers(sums, starts[:-1] + leaf_starts)
+    hidden = _hidden_numbers(sums, range(starts[-1]))
 
     def maxima(sanitized: bool) -> Array:
         return ravel_all(
@@ -552,17 +549,13 @@ def _norms_in_one_vector(
         padded = jnp.concatenate([vector, jnp.zeros((1,), vector.dtype)])
         floating = jnp.issubdtype(vector.dtype, jnp.floating)
         out: list[Any] = [None] * sum(len(idx) for idx, _ in packed.origins)
-        for (idx, kind), start, shape, x in zip(packed.origins, starts, shapes, packed.work):
-            if kind == "leaf":
-                # a large leaf's scalar read apart, a small one's (the many) in place:
-                # each read apart is one more kernel to compile
-                apart = floating and shape == () and x.size > _PACK_LIMIT
-                at = hidden[start]
-                out[idx[0]] = _element(padded, at) if apart else _segment(vector, at, shape)
-                continue
-            part = shape[1:] if kind == "slices" else ()
+        for (idx, kind), start, x in zip(packed.origins, starts, packed.work):
+            # a large leaf's element read apart, a small one's (the many) in place:
+            # each read apart is one more kernel to compile
+            apart = floating and kind == "leaf" and x.size > _PACK_LIMIT
             for j, i in enumerate(idx):
-                out[i] = _segment(vector, hidden[start + j * math.prod(shape[1:])], part)
+                at = hidden[start + j]
+                out[i] = _element(padded, at) if apart else _segment(vector, at, ())
         return out
 
     if p == math.inf:
