@@ -462,8 +462,8 @@ class SliceNorms(NamedTuple):
     Small leaves of equal shape are stacked and reduced together (see
     :func:`slice_norms`), and whole-leaf norms are gathered in one vector where
     the leaves allow it (one accumulation dtype, no sharding to respect); other
-    norms are kept per work array. Elementwise work on the norms is cheapest in that form, and
-    ``split`` hands out one result per original leaf at the end.
+    norms are kept per work array. Elementwise work on the norms is cheapest in
+    that form, and ``split`` hands out one result per original leaf at the end.
     """
 
     norms: list[Array]
@@ -524,25 +524,13 @@ def _norms_in_one_vector(
     offset hidden from XLA (see :func:`_hidden_numbers`).
     """
     work = list(zip(packed.work, packed.axes, packed.flags))
-
-    def reduced(reduce: Callable[[Array, tuple[int, ...] | None], Array]) -> list[Array]:
-        return [reduce(x, a) for x, a, _ in work]
-
-    sums = [
-        across.sum(s, r)
-        for s, (_, _, r) in zip(reduced(lambda x, a: _unit_sums(x, a, p, False)), work)
-    ]
+    sums = [across.sum(_unit_sums(x, a, p, False), r) for x, a, r in work]
     shapes = [s.shape for s in sums]  # () for a leaf, (count, 1, ...) for a stack
     starts = list(itertools.accumulate((math.prod(shape) for shape in shapes), initial=0))
     hidden = _hidden_numbers(sums, range(starts[-1]))
 
     def maxima(sanitized: bool) -> Array:
-        return ravel_all(
-            [
-                across.max(m, r)
-                for m, (_, _, r) in zip(reduced(lambda x, a: _max_abs(x, a, sanitized)), work)
-            ]
-        )
+        return ravel_all(_unit_maxima(work, sanitized, across))
 
     def split(results: Sequence[Array]) -> list[Array]:
         (vector,) = results
@@ -585,6 +573,13 @@ def _norms_in_one_vector(
 
     norms, finite = lax.cond(need, rescue, plain)
     return SliceNorms([norms], [finite], split)
+
+
+def _unit_maxima(
+    work: Sequence[tuple[Array, tuple[int, ...] | None, bool]], sanitized: bool, across: Across
+) -> list[Array]:
+    """Per (array, axes, replicated) in ``work``, ``max |x|`` over the axes (kept)."""
+    return [across.max(_max_abs(x, a, sanitized), r) for x, a, r in work]
 
 
 def _unit_sums(
@@ -872,7 +867,7 @@ def _slice_norms(
     work = list(zip(leaves, axes, replicated))
 
     def maxima(sanitized: bool) -> list[Array]:
-        return [across.max(_max_abs(x, a, sanitized), r) for x, a, r in work]
+        return _unit_maxima(work, sanitized, across)
 
     if p == math.inf:
         raw = maxima(False)
