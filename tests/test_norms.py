@@ -394,3 +394,69 @@ def test_norm_and_extremes_in_float64():
         assert norm.dtype == jnp.float64
         assert tops == [1e200, 2.5] and bottoms == [-3e250, -1.5]
         assert float(norm) == pytest.approx(3e250, rel=1e-12)
+
+
+def _count_rescues(monkeypatch):
+    """A list that grows by one each time an overflow or underflow rescue runs (only
+    the rescues pick a power-of-two scale)."""
+    ran = []
+    near = _norms.Scale.near
+
+    def counted(cls, m):
+        jax.debug.callback(lambda: ran.append(1))
+        return near(m)
+
+    monkeypatch.setattr(_norms.Scale, "near", classmethod(counted))
+    return ran
+
+
+def _units_with(value):
+    """Leaves whose units include some whose every element is ``value``: a bias, one
+    of many alike small leaves (reduced as a stack), rows of a matrix."""
+    tree = {
+        "kernel": jnp.ones((64, 8)).at[::4].set(value),
+        "bias": jnp.full((8,), value),
+        "stack": [jnp.full((4,), float(i + 1)) for i in range(20)],
+    }
+    tree["stack"][3] = jnp.full((4,), value)
+    return tree
+
+
+@pytest.mark.parametrize("axis", [None, -1])
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_all_zero_units_need_no_second_pass(monkeypatch, p, axis):
+    """A unit whose elements are all zero (a frozen bias, unused embedding rows) has
+    norm 0 from the first pass, found with its largest magnitude; a unit of tiny
+    values, whose sum of powers underflows to zero too, is still measured again."""
+    ran = _count_rescues(monkeypatch)
+    norms = jax.jit(lambda t: jaxclip.leaf_norms(t, ord=p, axis=axis))
+    for value, rescued in [(0.0, False), (1e-30, p != 1)]:
+        ran.clear()
+        tree = _units_with(value)
+        got = norms(tree)
+        jax.effects_barrier()
+        assert bool(ran) == rescued, (value, p, axis)
+        for leaf, norm in zip(jax.tree.leaves(tree), jax.tree.leaves(got)):
+            x = np.asarray(leaf, np.float64)
+            want = np_norm([x], p) if axis is None else np.sum(np.abs(x) ** p, -1) ** (1 / p)
+            np.testing.assert_allclose(norm, want, rtol=2e-6)
+
+
+def test_first_pass_maxima_mark_what_is_not_finite():
+    """The largest magnitudes found beside the sums are exact, and not finite where an
+    element is not; a large leaf's is left to the rescue."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(20, 6)), jnp.float32)
+    x = x.at[2, 1].set(-1e30).at[5, 3].set(jnp.nan).at[7, 0].set(-jnp.inf)
+    big = jnp.ones((_norms._PACK_LIMIT + 1,))
+    work = [(x, (1,), False), (x[0], None, False), (big, None, False), (x, (0,), False)]
+    sums, tops = _norms._unit_sums_and_tops(work, 2.0, _norms.Across())
+    rows = np.max(np.abs(np.asarray(x)), axis=1, keepdims=True)  # NaN where a NaN is
+    np.testing.assert_array_equal(np.asarray(tops[0]), rows)
+    assert float(tops[1]) == float(jnp.max(jnp.abs(x[0])))
+    assert tops[2] is None and tops[3] is None  # a large leaf; slices across rows
+    squares = np.sum(np.asarray(x, np.float64) ** 2, 1, keepdims=True)  # inf: over float32
+    np.testing.assert_allclose(sums[0], np.where(squares > 3.4e38, np.inf, squares), rtol=1e-6)
+    grad = jax.grad(
+        lambda v: _norms._unit_sums_and_tops([(v, None, False)], 2.0, _norms.Across())[0][0]
+    )
+    np.testing.assert_allclose(grad(x[0]), 2 * np.asarray(x[0]), rtol=1e-6)
