@@ -3,9 +3,10 @@
 Every norm accumulates in float32 (float64 for float64 leaves), whatever the
 leaf dtype. The common case is one pass over the data: a sum of ``|x|^p``.
 Only when that sum overflows, underflows, or is not finite does a
-``lax.cond`` branch run a second computation, rescaled by the largest
-magnitude, so that no finite input gets an infinite or zero norm unless the
-true norm lies outside the accumulation dtype's range.
+``lax.cond`` branch run a second pass, rescaled by a power of two (chosen from
+the sum itself for p = 1 and 2, else from the largest magnitude, one pass
+more), so that no finite input gets an infinite or zero norm unless the true
+norm lies outside the accumulation dtype's range.
 """
 
 from __future__ import annotations
@@ -132,6 +133,30 @@ class Scale(NamedTuple):
         return cls(_power_of_two(-exponent, m.dtype), _power_of_two(exponent, m.dtype))
 
 
+def _redone_by(s: Array, p: float, sanitize: bool) -> Scale | None:
+    """Per sum ``s`` of ``|x|^p``, a power of two u with which one more pass over x
+    redoes the sum exactly, chosen from the sum alone, or None where the largest
+    magnitude is needed (p other than 1 and 2; non-finite elements left out, since
+    then the raw sum does not say which way the rest leaves the range).
+
+    u = 2^(maxexp / 2 + 2) (2^66 in float32) where s overflowed or is not
+    finite: ``(|x| / u)^2`` stays finite for every finite x, and the elements
+    it loses below the smallest normal (|x| < 8) weigh nothing against a sum
+    above the float range; the sum again overflows only where the norm itself
+    does. u = 2^-(|minexp| / 2) (2^-63) where s is below _SMALLEST_SAFE_SUM:
+    every element is then below 2^-51, and ``(|x| / u)^2`` is a normal number
+    for every normal x. u = 1 elsewhere.
+    """
+    if sanitize or p not in (1, 2):
+        return None
+    s = lax.stop_gradient(s)
+    info = jnp.finfo(s.dtype)
+    k = jnp.where(~jnp.isfinite(s), info.maxexp // 2 + 2, 0)
+    if p == 2:
+        k = jnp.where(s < _SMALLEST_SAFE_SUM[np.dtype(s.dtype)], info.minexp // 2, k)
+    return Scale(_power_of_two(-k, s.dtype), _power_of_two(k, s.dtype))
+
+
 def _power_of_two(k: Array, dtype: Any) -> Array:
     """``2^k`` for integer k within the normal exponents of ``dtype``."""
     info = jnp.finfo(dtype)
@@ -186,22 +211,31 @@ def _largest(scalars: Sequence[Array]) -> Array:
 
 
 def _rescaled_norm(
-    work: Sequence[tuple[Array, bool]], p: float, sanitize: bool, across: Across, acc: Any
+    work: Sequence[tuple[Array, bool]],
+    p: float,
+    sanitize: bool,
+    across: Across,
+    acc: Any,
+    total: Array,
 ) -> tuple[Array, Array]:
-    """The p-norm (p = 1 or 2) of the arrays in ``work`` together, where a plain sum
-    of powers would overflow or underflow; and whether it is finite.
+    """The p-norm of the arrays in ``work`` together, where their plain sum of
+    powers, ``total``, left its range or is not finite; and whether it is finite.
 
-    The arrays are read again, rescaled by a power of two u near their largest
-    magnitude (:class:`Scale`), so the sum neither overflows nor underflows.
-    Each large array meets 1 / u through an optimization barrier: otherwise it
-    is broadcast once per shape and shared by the arrays of that shape, and XLA
-    writes the broadcast out, a buffer that a compiled function on CPU
-    allocates on every call, rescue or not. (Below _APART_SIZE elements such a
-    buffer is small, and a barrier per array would cost compile time.)
+    The arrays are read again, rescaled by a power of two u (see
+    :func:`_redone_by`; where that needs it, u is near their largest magnitude,
+    :class:`Scale`, found in a pass of its own). Each large array meets 1 / u
+    through an optimization barrier: otherwise it is broadcast once per shape
+    and shared by the arrays of that shape, and XLA writes the broadcast out, a
+    buffer that a compiled function on CPU allocates on every call, rescue or
+    not. (Below _APART_SIZE elements such a buffer is small, and a barrier per
+    array would cost compile time.)
     """
-    raw_max = _largest(_maxima(work, False, across, acc))
-    largest = _largest(_maxima(work, True, across, acc)) if sanitize else raw_max
-    scale = Scale.near(largest)
+    scale = _redone_by(total, p, sanitize)
+    finite = jnp.array(True)
+    if scale is None:
+        raw_max = _largest(_maxima(work, False, across, acc))
+        scale = Scale.near(_largest(_maxima(work, True, across, acc)) if sanitize else raw_max)
+        finite = jnp.isfinite(raw_max)
     parts = []
     for x, r in work:
         apart = scale
@@ -210,7 +244,7 @@ def _rescaled_norm(
             apart = scale._replace(shrink=shrink)
         parts.append(across.sum(jnp.sum(_power(x, p, sanitize, apart, acc)), r))
     norm = _root(add_all(parts), p) * scale.grow
-    return norm, jnp.isfinite(raw_max) & jnp.isfinite(norm)
+    return norm, finite & jnp.isfinite(norm)
 
 
 def global_norm_and_finite(
@@ -276,7 +310,7 @@ def global_norm_and_finite(
         return norm, jnp.isfinite(norm)
 
     def rescue() -> tuple[Array, Array]:
-        return _rescaled_norm(work, p, sanitize, across, acc)
+        return _rescaled_norm(work, p, sanitize, across, acc, total)
 
     return lax.cond(_needs_rescue(total, p, True), rescue, plain)
 
@@ -329,7 +363,8 @@ def norm_and_changes(
         # already in memory, not a transformed copy of the tree
         after = transform([x.astype(acc) for x in before])
         again = _stack_alike([after[i] for i in kept], [None] * len(kept), flags)
-        return _rescaled_norm(list(zip(again.work, again.flags)), 2.0, False, across, acc)[0]
+        work = list(zip(again.work, again.flags))
+        return _rescaled_norm(work, 2.0, False, across, acc, total)[0]
 
     norm = lax.cond(_needs_rescue(total, 2.0, True), rescue, lambda: _root(total, 2.0))
     return norm, count
@@ -571,14 +606,18 @@ def _norms_in_one_vector(
         return norms, jnp.isfinite(norms)
 
     def rescue() -> tuple[Array, Array]:
-        raw_max = ravel_all(_fill_maxima(tops, work, across))
-        scale = Scale.near(maxima(True) if sanitize else raw_max)
+        scale = _redone_by(total, p, sanitize)
+        finite = jnp.array(True)
+        if scale is None:
+            raw_max = ravel_all(_fill_maxima(tops, work, across))
+            scale = Scale.near(maxima(True) if sanitize else raw_max)
+            finite = jnp.isfinite(raw_max)
         parts = []
         for (x, a, r), start, shape in zip(work, starts, shapes):
             shrink = _segment(scale.shrink, hidden[start], shape)
             parts.append(across.sum(_unit_sums(x, a, p, sanitize, shrink), r))
         norms = _root(ravel_all(parts), p) * scale.grow
-        return norms, jnp.isfinite(raw_max) & jnp.isfinite(norms)
+        return norms, finite & jnp.isfinite(norms)
 
     norms, finite = lax.cond(need, rescue, plain)
     return SliceNorms([norms], [finite], split)
@@ -793,7 +832,8 @@ def norm_and_extremes(
         return norm, jnp.isfinite(norm)
 
     def rescue() -> tuple[Array, Array]:
-        return _rescaled_norm(list(zip(packed.work, packed.flags)), 2.0, False, across, acc)
+        work = list(zip(packed.work, packed.flags))
+        return _rescaled_norm(work, 2.0, False, across, acc, total)
 
     norm, finite = lax.cond(_needs_rescue(total, 2.0, True), rescue, plain)
     return NormAndExtremes(norm, finite, tops, bottoms, packed.gather)
@@ -970,14 +1010,17 @@ def _slice_norms(
         return norms, [jnp.isfinite(n) for n in norms]
 
     def rescue() -> tuple[list[Array], list[Array]]:
-        raw_max = _fill_maxima(tops, work, across)
-        scales = maxima(True) if sanitize else raw_max
-        norms = []
-        for (x, a, r), m in zip(work, scales):
-            scale = Scale.near(m)
+        norms, finite = [], []
+        for (x, a, r), s, t in zip(work, sums, tops):
+            scale = _redone_by(s, p, sanitize)
+            ok = jnp.array(True)
+            if scale is None:
+                raw_max = across.max(_max_abs(x, a, False), r) if t is None else t
+                scale = Scale.near(across.max(_max_abs(x, a, True), r) if sanitize else raw_max)
+                ok = jnp.isfinite(raw_max)
             part = across.sum(_unit_sums(x, a, p, sanitize, scale.shrink), r)
             norms.append(_root(part, p) * scale.grow)
-        finite = [jnp.isfinite(m) & jnp.isfinite(n) for m, n in zip(raw_max, norms)]
+            finite.append(ok & jnp.isfinite(norms[-1]))
         return norms, finite
 
     return lax.cond(need, rescue, plain)

@@ -398,15 +398,15 @@ def test_norm_and_extremes_in_float64():
 
 def _count_rescues(monkeypatch):
     """A list that grows by one each time an overflow or underflow rescue runs (only
-    the rescues pick a power-of-two scale)."""
+    the rescues choose a power of two to redo sums with)."""
     ran = []
-    near = _norms.Scale.near
+    redone_by = _norms._redone_by
 
-    def counted(cls, m):
+    def counted(*args):
         jax.debug.callback(lambda: ran.append(1))
-        return near(m)
+        return redone_by(*args)
 
-    monkeypatch.setattr(_norms.Scale, "near", classmethod(counted))
+    monkeypatch.setattr(_norms, "_redone_by", counted)
     return ran
 
 
@@ -460,3 +460,60 @@ def test_first_pass_maxima_mark_what_is_not_finite():
         lambda v: _norms._unit_sums_and_tops([(v, None, False)], 2.0, _norms.Across())[0][0]
     )
     np.testing.assert_allclose(grad(x[0]), 2 * np.asarray(x[0]), rtol=1e-6)
+
+
+def _exact_norm(values, p):
+    """The p-norm (p = 1 or 2) of Python floats, scaled by a power of two so that
+    nothing overflows or underflows, summed exactly (inf where the norm is above
+    float32's range)."""
+    magnitudes = [abs(v) for v in values]
+    exponent = math.frexp(max(magnitudes))[1]
+    scaled = [math.ldexp(v, -exponent) for v in magnitudes]
+    total = math.fsum(scaled) if p == 1 else math.sqrt(math.fsum(v * v for v in scaled))
+    norm = math.ldexp(total, exponent)
+    return norm if norm <= float(np.finfo(np.float32).max) else math.inf
+
+
+RANGE_EDGES = {
+    "near the top": [2e38, -1.5e38, 5.0, 7.9],
+    "just above it": [2e38, 2e38, 1.0],
+    "huge beside small": [1e20, -1e20, 7.0] + [0.5] * 50,
+    "smallest normals": [float(np.finfo(np.float32).tiny)] * 4,
+    "tiny": [1e-30, -3e-25, 0.0, 2e-38],
+}
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("case", list(RANGE_EDGES))
+def test_sums_out_of_range_are_redone_exactly(case, p):
+    """Every norm whose plain sum leaves float32's range, over a whole tree, per leaf
+    (alone or in a stack of alike leaves) and per row or column, against exact
+    arithmetic; inf, and not finite, only where the norm itself is above the range."""
+    values = RANGE_EDGES[case]
+    want = _exact_norm(values, p)
+    x = jnp.asarray(values, jnp.float32)
+    norm, finite = jax.jit(lambda v: _norms.global_norm_and_finite([v], float(p)))(x)
+    np.testing.assert_allclose(float(norm), want, rtol=1e-6)
+    assert bool(finite) == math.isfinite(want)
+    tree = {"x": x, "y": jnp.ones(3), "alike": [x] * 20}
+    norms = jax.jit(lambda t: jaxclip.leaf_norms(t, ord=p))(tree)
+    np.testing.assert_allclose(float(norms["x"]), want, rtol=1e-6)
+    np.testing.assert_allclose([float(n) for n in norms["alike"]], [want] * 20, rtol=1e-6)
+    grid = jnp.stack([jnp.ones_like(x), x])
+    rows = jax.jit(lambda g: jaxclip.leaf_norms(g, ord=p, axis=1))(grid)
+    cols = jax.jit(lambda g: jaxclip.leaf_norms(g, ord=p, axis=0))(grid.T)
+    ones = _exact_norm([1.0] * len(values), p)
+    for got in (rows, cols):
+        np.testing.assert_allclose(np.asarray(got, np.float64), [ones, want], rtol=1e-6)
+
+
+@pytest.mark.parametrize("values", [[1e308, -1e308, 3.0], [1e-300] * 4 + [0.0], [5e-324, 3e-308]])
+def test_float64_sums_out_of_range_are_redone_exactly(values):
+    with float64_enabled():
+        x = jnp.asarray(values, jnp.float64)
+        norm = jax.jit(lambda t: jaxclip.leaf_norms(t))({"x": x, "y": jnp.ones(2)})["x"]
+        assert norm.dtype == jnp.float64
+        # subnormal elements (5e-324) read as zero on CPU
+        normal = [v for v in values if abs(v) >= np.finfo(np.float64).tiny]
+        want = math.sqrt(math.fsum((v / max(normal)) ** 2 for v in normal)) * max(normal)
+        assert float(norm) == pytest.approx(want, rel=1e-14)
