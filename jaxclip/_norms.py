@@ -643,28 +643,49 @@ def _unit_sums_and_tops(
 
     The maximum is found as an integer (see :func:`_order_key`) beside the float
     sum. XLA on CPU runs such a reduction as fast as a plain sum where the units
-    are small and contiguous (stacked leaves, a bias), but not over a large leaf
-    (an AdamW step with clip_by_norm 2% slower) nor across leading axes (a kernel's
-    columns: 5x slower). A unit with an element that is not finite has a maximum
-    that is not finite.
+    are small and contiguous (stacked leaves, a bias, rows), but not over a large
+    leaf (an AdamW step with clip_by_norm 2% slower) nor across leading axes (a
+    kernel's columns: 5x slower); and it adds up the elements in order, so they
+    are taken in rows of _ROW (see :func:`_in_rows`). A unit with an element that
+    is not finite has a maximum that is not finite.
     """
     sums: list[Array] = []
     tops: list[Array | None] = []
     for x, axes, replicated in work:
         shape = _kept_shape(x, axes)
-        trailing = axes is None or axes == tuple(range(x.ndim - len(axes), x.ndim))
-        small = axes is not None or x.size <= _PACK_LIMIT
-        if not (trailing and small):
+        rows = _in_rows(x, axes)
+        if rows is None:
             sums.append(across.sum(_unit_sums(x, axes, p, False), replicated))
             tops.append(None)
             continue
         acc = _acc(x)
         if x.dtype != acc:
-            x = lax.optimization_barrier(x)  # the widening cast stays in the reduction
-        total, top, _ = _powers_and_keys(x.astype(acc), axes, p, magnitude=True)
+            rows = lax.optimization_barrier(rows)  # the widening cast stays in the reduction
+        if axes is None:
+            total, top, _ = _powers_and_keys(rows.astype(acc), None, p, magnitude=True)
+        else:
+            total, top, _ = _powers_and_keys(rows.astype(acc), (rows.ndim - 1,), p, True)
+            total, top = jnp.sum(total, axis=-1), jnp.max(top, axis=-1)
         sums.append(across.sum(total.reshape(shape), replicated))
         tops.append(across.max(_from_key(top, acc).reshape(shape), replicated))
     return sums, tops
+
+
+def _in_rows(x: Array, axes: tuple[int, ...] | None) -> Array | None:
+    """``x`` with each unit (the elements over ``axes``) in rows of at most _ROW
+    elements along the last axis, where one pass can find each unit's sum and
+    maximum together: units of up to _PACK_LIMIT elements in the last axes. A
+    whole leaf (axes None) is returned as it is, and is cut into rows when reduced
+    (:func:`_reduce_in_rows`)."""
+    if axes is None:
+        return x if x.size <= _PACK_LIMIT else None
+    count = len(axes)
+    size = math.prod(x.shape[x.ndim - count :])
+    if axes != tuple(range(x.ndim - count, x.ndim)) or size > _PACK_LIMIT:
+        return None
+    if size > _ROW and size % _ROW:
+        return None
+    return x.reshape((*x.shape[: x.ndim - count], max(size // _ROW, 1), min(size, _ROW)))
 
 
 def _fill_maxima(
