@@ -76,3 +76,28 @@ def test_peak_bandwidth_comes_from_the_flag_then_the_table(monkeypatch):
     assert suite.peak_gbps("NVIDIA A100-SXM4-40GB", None) == 1555
     assert suite.peak_gbps("NVIDIA H100 80GB HBM3", 3000.0) == 3000.0
     assert suite.peak_gbps("Some Future Card", None) is None
+
+
+def test_zero_units_script_times_every_clipper_on_every_gradient(tmp_path):
+    out = tmp_path / "zero_units.json"
+    script = SUITE.parent / "zero_units.py"
+    small = ["--rounds", "2", "--layers", "1", "--d-model", "32", "--vocab", "64"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *small, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=SUITE.parent.parent,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {
+        "no zero unit",
+        "one zero bias",
+        "every other embedding row zero",
+        "one zero large leaf",
+    }
+    for per_clipper in results.values():
+        assert set(per_clipper) == {"clip_by_global_norm", "clip_by_norm", "clip_by_norm(axis=-1)"}
+        assert per_clipper["clip_by_global_norm"]["ratio_vs_clip_by_global_norm"] == 1.0
+        assert all(r["median_ms"] > 0 for r in per_clipper.values())
