@@ -663,8 +663,9 @@ def _unit_sums_and_tops(
             rows = lax.optimization_barrier(rows)  # the widening cast stays in the reduction
         if axes is None:
             total, top, _ = _powers_and_keys(rows.astype(acc), None, p, magnitude=True)
-        else:
-            total, top, _ = _powers_and_keys(rows.astype(acc), (rows.ndim - 1,), p, True)
+        else:  # per row, then per unit
+            last = (rows.ndim - 1,)
+            total, top, _ = _powers_and_keys(rows.astype(acc), last, p, magnitude=True)
             total, top = jnp.sum(total, axis=-1), jnp.max(top, axis=-1)
         sums.append(across.sum(total.reshape(shape), replicated))
         tops.append(across.max(_from_key(top, acc).reshape(shape), replicated))
@@ -1023,8 +1024,12 @@ def _slice_norms(
         return lax.cond(all_true(finite), lambda: raw, lambda: maxima(True)), finite
 
     sums, tops = _unit_sums_and_tops(work, p, across)
-    above = _tops_or_above(tops, sums)
-    need = any_true([_needs_rescue(s, p, rescue_tiny, t) for s, t in zip(sums, above)])
+    checks = [
+        _needs_rescue(s, p, rescue_tiny, t)
+        for s, t, x in zip(sums, _tops_or_above(tops, sums), leaves)
+        if x.size > 0
+    ]
+    need = any_true(checks)
 
     def plain() -> tuple[list[Array], list[Array]]:
         norms = [_root(s, p) for s in sums]

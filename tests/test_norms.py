@@ -529,3 +529,13 @@ def test_norms_of_large_units_keep_their_digits(shape, axis):
     got = jax.jit(lambda t: jaxclip.leaf_norms(t, axis=axis))(jnp.asarray(x))
     want = np.sqrt(np.sum(x.astype(np.float64) ** 2, axis=axis))
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_empty_leaves_need_no_second_pass(monkeypatch):
+    ran = _count_rescues(monkeypatch)
+    tree = {"empty": jnp.zeros((0, 5)), "w": jnp.ones((3, 5)), "b": jnp.ones((5,))}
+    cols = jax.jit(lambda t: jaxclip.leaf_norms(t, axis=0))(tree)
+    jax.effects_barrier()
+    assert not ran
+    np.testing.assert_array_equal(cols["empty"], np.zeros(5))
+    np.testing.assert_allclose(cols["w"], np.full(5, 3**0.5), rtol=1e-6)
