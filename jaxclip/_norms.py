@@ -157,6 +157,20 @@ def _redone_by(s: Array, p: float, sanitize: bool) -> Scale | None:
     return Scale(_power_of_two(-k, s.dtype), _power_of_two(k, s.dtype))
 
 
+def _rescue_scale(
+    s: Array, p: float, sanitize: bool, maxima: Callable[[bool], Array]
+) -> tuple[Scale, Array]:
+    """The power of two to redo the sums ``s`` by (:func:`_redone_by`, else near the
+    largest magnitudes ``maxima(sanitized)``, a pass of their own), and whether
+    the raw elements are finite as far as that pass tells (else True: a redone
+    sum of non-finite elements is not finite itself)."""
+    scale = _redone_by(s, p, sanitize)
+    if scale is not None:
+        return scale, jnp.array(True)
+    raw = maxima(False)
+    return Scale.near(maxima(True) if sanitize else raw), jnp.isfinite(raw)
+
+
 def _power_of_two(k: Array, dtype: Any) -> Array:
     """``2^k`` for integer k within the normal exponents of ``dtype``."""
     info = jnp.finfo(dtype)
@@ -230,12 +244,9 @@ def _rescaled_norm(
     not. (Below _APART_SIZE elements such a buffer is small, and a barrier per
     array would cost compile time.)
     """
-    scale = _redone_by(total, p, sanitize)
-    finite = jnp.array(True)
-    if scale is None:
-        raw_max = _largest(_maxima(work, False, across, acc))
-        scale = Scale.near(_largest(_maxima(work, True, across, acc)) if sanitize else raw_max)
-        finite = jnp.isfinite(raw_max)
+    scale, finite = _rescue_scale(
+        total, p, sanitize, lambda sanitized: _largest(_maxima(work, sanitized, across, acc))
+    )
     parts = []
     for x, r in work:
         apart = scale
@@ -606,12 +617,10 @@ def _norms_in_one_vector(
         return norms, jnp.isfinite(norms)
 
     def rescue() -> tuple[Array, Array]:
-        scale = _redone_by(total, p, sanitize)
-        finite = jnp.array(True)
-        if scale is None:
-            raw_max = ravel_all(_fill_maxima(tops, work, across))
-            scale = Scale.near(maxima(True) if sanitize else raw_max)
-            finite = jnp.isfinite(raw_max)
+        def found_or(sanitized: bool) -> Array:
+            return maxima(True) if sanitized else ravel_all(_fill_maxima(tops, work, across))
+
+        scale, finite = _rescue_scale(total, p, sanitize, found_or)
         parts = []
         for (x, a, r), start, shape in zip(work, starts, shapes):
             shrink = _segment(scale.shrink, hidden[start], shape)
@@ -627,7 +636,7 @@ def _unit_maxima(
     work: Sequence[tuple[Array, tuple[int, ...] | None, bool]], sanitized: bool, across: Across
 ) -> list[Array]:
     """Per (array, axes, replicated) in ``work``, ``max |x|`` over the axes (kept)."""
-    return [across.max(_max_abs(x, a, sanitized), r) for x, a, r in work]
+    return _fill_maxima([None] * len(work), work, across, sanitized)
 
 
 def _kept_shape(x: Array, axes: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -693,10 +702,13 @@ def _fill_maxima(
     tops: Sequence[Array | None],
     work: Sequence[tuple[Array, tuple[int, ...] | None, bool]],
     across: Across,
+    sanitized: bool = False,
 ) -> list[Array]:
-    """``tops`` with each maximum not found yet computed (``max |x|``, a pass)."""
+    """``tops`` with each maximum not found yet computed (``max |x|`` over the axes,
+    non-finite elements left out if ``sanitized``: a pass)."""
     return [
-        across.max(_max_abs(x, a, False), r) if t is None else t for t, (x, a, r) in zip(tops, work)
+        across.max(_max_abs(x, a, sanitized), r) if t is None else t
+        for t, (x, a, r) in zip(tops, work)
     ]
 
 
@@ -1038,12 +1050,11 @@ def _slice_norms(
     def rescue() -> tuple[list[Array], list[Array]]:
         norms, finite = [], []
         for (x, a, r), s, t in zip(work, sums, tops):
-            scale = _redone_by(s, p, sanitize)
-            ok = jnp.array(True)
-            if scale is None:
-                raw_max = across.max(_max_abs(x, a, False), r) if t is None else t
-                scale = Scale.near(across.max(_max_abs(x, a, True), r) if sanitize else raw_max)
-                ok = jnp.isfinite(raw_max)
+
+            def found_or(sanitized: bool, x=x, a=a, r=r, t=t) -> Array:
+                return _fill_maxima([None if sanitized else t], [(x, a, r)], across, sanitized)[0]
+
+            scale, ok = _rescue_scale(s, p, sanitize, found_or)
             part = across.sum(_unit_sums(x, a, p, sanitize, scale.shrink), r)
             norms.append(_root(part, p) * scale.grow)
             finite.append(ok & jnp.isfinite(norms[-1]))
