@@ -19,7 +19,15 @@ def _text_outputs(nb):
     return "\n".join(out)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+# trains five small transformers (a minute on two cores): in the full suite (--slow) only
+SLOW_NOTEBOOKS = {"03_adaptive_clipping_transformer"}
+NOTEBOOK_CASES = [
+    pytest.param(p, id=p.stem, marks=[pytest.mark.slow] if p.stem in SLOW_NOTEBOOKS else [])
+    for p in NOTEBOOKS
+]
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_CASES)
 def test_notebook_runs(path, tmp_path, monkeypatch):
     # the kernel is started as `python`: make that this interpreter
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
