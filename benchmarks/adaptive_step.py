@@ -14,9 +14,8 @@ import argparse
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import optax
-from common import interleaved, machine, transformer_tree, tree_megabytes, write
+from common import interleaved, machine, training_run, transformer_tree, tree_megabytes, write
 
 import jaxclip
 
@@ -38,7 +37,7 @@ PEERS = {
 }
 
 
-def make_step(name: str):
+def optimizer(name: str) -> optax.GradientTransformation:
     if name == "optax.apply_if_finite+clip":
         tx = optax.apply_if_finite(
             optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(1e-4)), 10
@@ -51,13 +50,7 @@ def make_step(name: str):
         tx = optax.adamw(1e-4)
     else:
         tx = optax.chain(CLIPPERS[name](), optax.adamw(1e-4))
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    step = jax.jit(step, donate_argnums=(0, 1))
-    return tx, step
+    return tx
 
 
 def main() -> None:
@@ -73,17 +66,8 @@ def main() -> None:
     size = tree_megabytes(params)
     print(f"model: {size:.0f} MB float32, {len(jax.tree.leaves(params))} leaves")
 
-    runs = {}
-    for name in ["adamw alone", *CLIPPERS, *PEERS, "optax.apply_if_finite+clip"]:
-        tx, step = make_step(name)
-        box = {"p": jax.tree.map(jnp.copy, params)}
-        box["s"] = tx.init(box["p"])
-
-        def run(step=step, box=box):
-            box["p"], box["s"] = step(box["p"], box["s"], grads)
-            return box["p"]
-
-        runs[name] = run
+    names = ["adamw alone", *CLIPPERS, *PEERS, "optax.apply_if_finite+clip"]
+    runs = {name: training_run(optimizer(name), params, grads) for name in names}
 
     results = interleaved(runs, rounds=args.rounds)
     base = results["clip_by_global_norm"]["median_ms"]

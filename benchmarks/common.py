@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def transformer_tree(d_model: int, layers: int, vocab: int, dtype=jnp.float32, seed: int = 0):
@@ -31,6 +32,27 @@ def transformer_tree(d_model: int, layers: int, vocab: int, dtype=jnp.float32, s
             "norm2": leaf(d_model),
         }
     return tree
+
+
+def training_run(tx: Any, params: Any, grads: Any) -> Callable[[], Any]:
+    """One jitted training step with ``tx`` (``tx`` an optax transformation), as a
+    zero-argument function: each call applies ``grads`` to its own copy of
+    ``params``, which it donates with the optimizer state, as a training loop does,
+    and returns the new parameters."""
+
+    def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    box = {"params": jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))(params)}
+    box["state"] = jax.jit(tx.init)(box["params"])
+
+    def run() -> Any:
+        box["params"], box["state"] = jitted(box["params"], box["state"], grads)
+        return box["params"]
+
+    return run
 
 
 def tree_megabytes(tree: Any) -> float:

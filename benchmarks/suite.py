@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from common import interleaved, transformer_tree, tree_megabytes
+from common import interleaved, training_run, transformer_tree, tree_megabytes
 
 import jaxclip
 
@@ -273,16 +273,6 @@ def torch_clipper(torch: Any, tree: Any) -> Any:
     return run
 
 
-def step_fn(tx: optax.GradientTransformation) -> Any:
-    """A jitted training step; parameters and optimizer state are donated."""
-
-    def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
@@ -460,19 +450,7 @@ def step_case(spec: Tree, rounds: int) -> dict[str, Any]:
     grads = spec.build(seed=1)
     mb = tree_megabytes(params)
     print(f"[step] {mb:,.0f} MB {spec.dtype}, {len(STEP_CLIPPERS)} steps", flush=True)
-    copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
-    runs = {}
-    for name in STEP_CLIPPERS:
-        tx = optimizer(name)
-        step = step_fn(tx)
-        box = {"params": copy_tree(params)}
-        box["state"] = jax.jit(tx.init)(box["params"])
-
-        def run(step=step, box=box) -> Any:
-            box["params"], box["state"] = step(box["params"], box["state"], grads)
-            return box["params"]
-
-        runs[name] = run
+    runs = {name: training_run(optimizer(name), params, grads) for name in STEP_CLIPPERS}
     # the floor of a global-norm clipper in the step: AdamW alone plus one read of the gradient
     read = jax.jit(naive_norm)
     runs[ONE_READ] = lambda: read(grads)

@@ -20,7 +20,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import optax
-from common import interleaved, machine, transformer_tree, tree_megabytes, write
+from common import interleaved, machine, training_run, transformer_tree, tree_megabytes, write
 
 import jaxclip
 
@@ -58,16 +58,6 @@ def gradients(d_model: int, layers: int, vocab: int) -> dict[str, dict]:
     }
 
 
-def make_step(clipper: str):
-    tx = optax.chain(CLIPPERS[clipper](), optax.adamw(1e-4))
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return tx, jax.jit(step, donate_argnums=(0, 1))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=20)
@@ -83,17 +73,10 @@ def main() -> None:
 
     report = {}
     for case, grads in gradients(args.d_model, args.layers, args.vocab).items():
-        runs = {}
-        for clipper in CLIPPERS:
-            tx, step = make_step(clipper)
-            box = {"p": jax.tree.map(jnp.copy, params)}
-            box["s"] = tx.init(box["p"])
-
-            def run(step=step, box=box, grads=grads):
-                box["p"], box["s"] = step(box["p"], box["s"], grads)
-                return box["p"]
-
-            runs[clipper] = run
+        runs = {
+            clipper: training_run(optax.chain(make(), optax.adamw(1e-4)), params, grads)
+            for clipper, make in CLIPPERS.items()
+        }
         results = interleaved(runs, rounds=args.rounds)
         base = results["clip_by_global_norm"]["median_ms"]
         for clipper, r in results.items():
