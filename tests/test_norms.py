@@ -280,7 +280,7 @@ def test_many_small_leaves_are_grouped_without_changing_results(p):
 @pytest.mark.parametrize("first", [1.0, math.inf, math.nan, -3e38])
 def test_stacked_leaves_read_their_own_norm(first):
     """Alike small leaves are reduced as one stack and each reads its row back by a
-    number XLA on CPU is not shown (the count of a loop that never runs, from the
+    number XLA on CPU is not shown (from a branch that never runs, decided by the
     stack's first element, whatever that element is)."""
     tree = {f"w{i:02d}": jnp.full((3, 4), float(i + 1)) for i in range(40)}
     tree["w00"] = tree["w00"].at[0, 0].set(first)
