@@ -573,11 +573,13 @@ def _norms_in_one_vector(
     instead of a few per work array, and each leaf reads its own element at an
     offset hidden from XLA (see :func:`_hidden_numbers`).
 
-    Leaves left unstacked are taken in order of shape, so the norms of leaves of
-    one shape are adjacent: a leaf reads its norm from their run of the vector,
-    at its place in the run, and the numbers to hide are as many as the longest
-    run (888 for 2000 leaves shaped like a transformer's, not 2000: clip_by_norm
-    compiled in 10.4 s against 12.2 s).
+    Leaves left unstacked are measured in order of shape, so the norms of leaves
+    of one shape are adjacent: a leaf reads its norm from their run, at its place
+    in the run, and the numbers to hide are as many as the longest run (888 for
+    2000 leaves shaped like a transformer's, not 2000: clip_by_norm compiled in
+    10.4 s against 12.2 s). The vector itself comes out work array after work
+    array, the order of units in adaptive states, whatever the order measured in
+    (shapes differ between a sharded leaf and its whole).
     """
     order = sorted(range(len(packed.work)), key=lambda k: _reading_order(packed, k))
     origins = [packed.origins[k] for k in order]
@@ -592,12 +594,13 @@ def _norms_in_one_vector(
     shapes = [u.shape for u in units]  # () for a leaf, (count, 1, ...) for a stack
     runs = _runs(origins, work, shapes)
     hidden = _hidden_numbers(units, range(max(run.length for run in runs)))
+    to_work, to_measured = _element_orders(order, shapes)
 
     def maxima(sanitized: bool) -> Array:
         return ravel_all(_unit_maxima(work, sanitized, across))
 
     def split(results: Sequence[Array]) -> list[Array]:
-        (vector,) = results
+        vector = _reorder(results[0], to_measured)
         floating = jnp.issubdtype(vector.dtype, jnp.floating)
         out: list[Any] = [None] * sum(len(idx) for idx, _ in origins)
         for (idx, kind), run, (x, _, _) in zip(origins, runs, work):
@@ -615,7 +618,7 @@ def _norms_in_one_vector(
         finite = jnp.isfinite(raw)
         if sanitize:
             raw = lax.cond(jnp.all(finite), lambda: raw, lambda: maxima(True))
-        return SliceNorms([raw], [finite], split)
+        return SliceNorms([_reorder(raw, to_work)], [_reorder(finite, to_work)], split)
 
     total = ravel_all(sums)
     need = _needs_rescue(total, p, rescue_tiny, ravel_all(_tops_or_above(tops, sums)))
@@ -637,7 +640,7 @@ def _norms_in_one_vector(
         return norms, finite & jnp.isfinite(norms)
 
     norms, finite = lax.cond(need, rescue, plain)
-    return SliceNorms([norms], [finite], split)
+    return SliceNorms([_reorder(norms, to_work)], [_reorder(finite, to_work)], split)
 
 
 class _Run(NamedTuple):
@@ -660,6 +663,27 @@ def _reading_order(packed: Packed, k: int) -> tuple[Any, ...]:
     that trees of equal shapes (a gradient and its weights) keep equal orders."""
     kind, x = packed.origins[k][1], packed.work[k]
     return (0, k) if kind != "leaf" else (1, x.ndim, x.shape, k)
+
+
+def _element_orders(
+    order: Sequence[int], shapes: Sequence[tuple[int, ...]]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """For work arrays measured in ``order``, with units of ``shapes`` (in that
+    order): the indices that put a vector of their units in the work arrays' own
+    order, and back (None, None if the orders agree)."""
+    if list(order) == sorted(order):
+        return None, None
+    sizes = [0] * len(order)
+    for k, shape in zip(order, shapes):
+        sizes[k] = math.prod(shape)
+    starts = list(itertools.accumulate(sizes, initial=0))
+    to_measured = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in order])
+    return np.argsort(to_measured), to_measured
+
+
+def _reorder(vector: Array, index: np.ndarray | None) -> Array:
+    """``vector[index]`` (``vector`` itself if ``index`` is None)."""
+    return vector if index is None else vector[index]
 
 
 def _runs(

@@ -321,6 +321,19 @@ def test_each_leaf_gets_its_own_norm_when_shapes_interleave():
         np.testing.assert_allclose(np.asarray(out[name], np.float64), expected, rtol=tolerance)
 
 
+def test_unit_order_in_adaptive_state_is_the_leaf_order():
+    """Leaves are measured in order of shape, but per-unit state (adagc's gamma)
+    stays in the order of the leaves: a sharded leaf's pieces have other shapes
+    than the whole, and both must read the same state."""
+    shapes = [(130, 128), (128, 130), (130, 128), (129, 128)]
+    tree = {f"w{i}": jnp.full(s, (i + 1) / math.sqrt(math.prod(s))) for i, s in enumerate(shapes)}
+    tx = jaxclip.adagc(warmup_max_norm=100.0)
+    _, state = jax.jit(tx.update)(tree, tx.init(tree))
+    gamma = np.asarray(state.gamma)
+    assert gamma.shape == (4,)
+    assert np.all(np.diff(gamma) > 0), gamma  # norms 1, 2, 3, 4 in leaf order
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_a_large_leaf_reads_its_norm_apart_from_its_neighbours(bad):
     """A large leaf's scale is read from the vector of all scales beside its
