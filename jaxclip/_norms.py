@@ -603,14 +603,17 @@ def _norms_in_one_vector(
         vector = _reorder(results[0], to_measured)
         floating = jnp.issubdtype(vector.dtype, jnp.floating)
         out: list[Any] = [None] * sum(len(idx) for idx, _ in origins)
-        for (idx, kind), run, (x, _, _) in zip(origins, runs, work):
-            # a large leaf's element read apart, a small one's (the many) in place:
-            # each read apart is one more kernel to compile
-            apart = floating and kind == "leaf" and x.size > _PACK_LIMIT
-            part = run.of(vector, padded=apart)
+        # a large leaf's element read apart, a small one's (the many) in place:
+        # each read apart is one more kernel to compile
+        apart = [
+            floating and kind == "leaf" and x.size > _PACK_LIMIT
+            for (_, kind), (x, _, _) in zip(origins, work)
+        ]
+        parts = _run_parts(vector, runs, apart)
+        for (idx, _), run, part, alone in zip(origins, runs, parts, apart):
             for j, i in enumerate(idx):
                 at = hidden[run.place + j]
-                out[i] = _element(part, at) if apart else _segment(part, at, ())
+                out[i] = _element(part, at) if alone else _segment(part, at, ())
         return out
 
     if p == math.inf:
@@ -633,8 +636,9 @@ def _norms_in_one_vector(
 
         scale, finite = _rescue_scale(total, p, sanitize, found_or)
         parts = []
-        for (x, a, r), run, shape in zip(work, runs, shapes):
-            shrink = _segment(run.of(scale.shrink), hidden[run.place], shape)
+        shrinks = _run_parts(scale.shrink, runs, [False] * len(runs))
+        for (x, a, r), run, part, shape in zip(work, runs, shrinks, shapes):
+            shrink = _segment(part, hidden[run.place], shape)
             parts.append(across.sum(_unit_sums(x, a, p, sanitize, shrink), r))
         norms = _root(ravel_all(parts), p) * scale.grow
         return norms, finite & jnp.isfinite(norms)
@@ -656,6 +660,16 @@ class _Run(NamedTuple):
         """The run's elements of ``vector`` (with a zero after them if ``padded``)."""
         part = lax.slice_in_dim(vector, self.start, self.start + self.length)
         return jnp.concatenate([part, jnp.zeros((1,), part.dtype)]) if padded else part
+
+
+def _run_parts(vector: Array, runs: Sequence[_Run], padded: Sequence[bool]) -> list[Array]:
+    """Per work array, its run's elements of ``vector`` (:meth:`_Run.of`), cut once
+    per run and shared by the run's members."""
+    cut: dict[tuple[int, bool], Array] = {}
+    for run, pad in zip(runs, padded):
+        if (run.start, pad) not in cut:
+            cut[run.start, pad] = run.of(vector, padded=pad)
+    return [cut[run.start, pad] for run, pad in zip(runs, padded)]
 
 
 def _reading_order(packed: Packed, k: int) -> tuple[Any, ...]:
