@@ -207,6 +207,27 @@ def _needs_rescue(s: Array, p: float, check_tiny: bool, tops: Array | None = Non
     return jnp.any(bad)
 
 
+def _any_needs_rescue(
+    sums: Sequence[Array], tops: Sequence[Array | None], p: float, check_tiny: bool
+) -> Array:
+    """Whether some sum in ``sums`` needs a rescue (:func:`_needs_rescue`; ``tops``:
+    their units' largest magnitudes, None where not found), checked once for all
+    the local sums of a dtype, in one vector: checked array by array, each check
+    was three kernels for XLA to compile (agc on 2000 leaves: 38.9 s to compile
+    so, 32.3 s checked at once)."""
+    checks = []
+    local: dict[Any, list[tuple[Array, Array]]] = {}
+    for s, t in zip(sums, _tops_or_above(tops, sums)):
+        if is_local(s) and is_local(t):
+            local.setdefault(s.dtype, []).append((s, t))
+        else:
+            checks.append(_needs_rescue(s, p, check_tiny, t))
+    for group in local.values():
+        together = [ravel_all(arrays) for arrays in zip(*group)]
+        checks.append(_needs_rescue(together[0], p, check_tiny, together[1]))
+    return any_true(checks)
+
+
 def _maxima(
     work: Sequence[tuple[Array, bool]], sanitized: bool, across: Across, acc: Any
 ) -> list[Array]:
@@ -1131,12 +1152,8 @@ def _slice_norms(
         return lax.cond(all_true(finite), lambda: raw, lambda: maxima(True)), finite
 
     sums, tops = _unit_sums_and_tops(work, p, across)
-    checks = [
-        _needs_rescue(s, p, rescue_tiny, t)
-        for s, t, x in zip(sums, _tops_or_above(tops, sums), leaves)
-        if x.size > 0
-    ]
-    need = any_true(checks)
+    kept = [k for k, x in enumerate(leaves) if x.size > 0]
+    need = _any_needs_rescue([sums[k] for k in kept], [tops[k] for k in kept], p, rescue_tiny)
 
     def plain() -> tuple[list[Array], list[Array]]:
         norms = [_root(s, p) for s in sums]

@@ -232,6 +232,30 @@ def test_slice_norms_rescue_each_slice():
     np.testing.assert_allclose(rows, [1e20, 1e20, 0.0], rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("side", ["overflow", "underflow"])
+def test_per_unit_rescue_is_decided_for_every_dtype(dtype, side):
+    """Whether to redo the per-unit sums is decided once for all the sums of a
+    dtype: one leaf whose columns leave its range, among leaves of both dtypes,
+    still has every column redone, and the others keep theirs."""
+    extreme = {
+        ("float32", "overflow"): 1e25,
+        ("float32", "underflow"): 1e-25,
+        ("float64", "overflow"): 1e200,
+        ("float64", "underflow"): 1e-200,
+    }[dtype, side]
+    rng = np.random.default_rng(11)
+    raw = {f"{d}_{i}": rng.normal(size=(6, 3)) for d in ("float32", "float64") for i in range(3)}
+    raw[f"{dtype}_1"] *= extreme
+    with float64_enabled():
+        tree = {k: jnp.asarray(v, k.split("_")[0]) for k, v in raw.items()}
+        for run in (lambda f: f, jax.jit):
+            cols = run(lambda t: jaxclip.leaf_norms(t, axis=0))(tree)
+            for name, x in tree.items():
+                want = [np_norm([np.asarray(x)[:, j]], 2) for j in range(3)]
+                np.testing.assert_allclose(np.ravel(cols[name]), want, rtol=2e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("p", [1, 2, 3])
 def test_rescue_at_the_top_of_the_float32_range(p, jit):
