@@ -207,27 +207,6 @@ def _needs_rescue(s: Array, p: float, check_tiny: bool, tops: Array | None = Non
     return jnp.any(bad)
 
 
-def _any_needs_rescue(
-    sums: Sequence[Array], tops: Sequence[Array | None], p: float, check_tiny: bool
-) -> Array:
-    """Whether some sum in ``sums`` needs a rescue (:func:`_needs_rescue`; ``tops``:
-    their units' largest magnitudes, None where not found), checked once for all
-    the local sums of a dtype, in one vector: checked array by array, each check
-    was three kernels for XLA to compile (agc on 2000 leaves: 38.9 s to compile
-    so, 32.3 s checked at once)."""
-    checks = []
-    local: dict[Any, list[tuple[Array, Array]]] = {}
-    for s, t in zip(sums, _tops_or_above(tops, sums)):
-        if is_local(s) and is_local(t):
-            local.setdefault(s.dtype, []).append((s, t))
-        else:
-            checks.append(_needs_rescue(s, p, check_tiny, t))
-    for group in local.values():
-        together = [ravel_all(arrays) for arrays in zip(*group)]
-        checks.append(_needs_rescue(together[0], p, check_tiny, together[1]))
-    return any_true(checks)
-
-
 def _maxima(
     work: Sequence[tuple[Array, bool]], sanitized: bool, across: Across, acc: Any
 ) -> list[Array]:
@@ -573,15 +552,18 @@ def slice_norms(
     flags = list(replicated) if replicated is not None else [False] * len(leaves)
     packed = _stack_alike(leaves, axes, flags)
     across = Across(axis_name)
-    # one vector for whole-leaf norms only: per-slice norms read from a vector
-    # inside the kernels that rescale the slices made an AdamW step with agc 4%
-    # slower on CPU than per-slice norms kept apart
-    whole = all(a is None for a in axes) and all(is_local(x) for x in packed.work)
-    if packed.work and whole and len({_acc(x) for x in packed.work}) == 1:
+    together = all(is_local(x) for x in packed.work) and len({_acc(x) for x in packed.work}) == 1
+    if packed.work and together and all(a is None for a in axes):
         return _norms_in_one_vector(packed, p, sanitize, rescue_tiny, across)
-    norms, finite = _slice_norms(
-        packed.work, p, packed.axes, sanitize, rescue_tiny, across, packed.flags
-    )
+    if packed.work and together and p != math.inf:
+        # per-slice norms are handed out per work array: read from a vector inside
+        # the kernels that rescale the slices, they made an AdamW step with agc 4%
+        # slower on CPU
+        norms, finite = _unit_norms_in_one_vector(packed, p, sanitize, rescue_tiny, across)
+    else:
+        norms, finite = _slice_norms(
+            packed.work, p, packed.axes, sanitize, rescue_tiny, across, packed.flags
+        )
     return SliceNorms(norms, finite, packed.split)
 
 
@@ -644,6 +626,32 @@ def _norms_in_one_vector(
             raw = lax.cond(jnp.all(finite), lambda: raw, lambda: maxima(True))
         return SliceNorms([_reorder(raw, to_work)], [_reorder(finite, to_work)], split)
 
+    def shrinks(vector: Array) -> list[Array]:
+        parts = _run_parts(vector, runs, [False] * len(runs))
+        return [
+            _segment(part, hidden[run.place], shape)
+            for run, part, shape in zip(runs, parts, shapes)
+        ]
+
+    norms, finite = _vector_of_norms(work, sums, tops, p, sanitize, rescue_tiny, across, shrinks)
+    return SliceNorms([_reorder(norms, to_work)], [_reorder(finite, to_work)], split)
+
+
+def _vector_of_norms(
+    work: Sequence[tuple[Array, tuple[int, ...] | None, bool]],
+    sums: Sequence[Array],
+    tops: Sequence[Array | None],
+    p: float,
+    sanitize: bool,
+    rescue_tiny: bool,
+    across: Across,
+    shrinks: Callable[[Array], list[Array]],
+) -> tuple[Array, Array]:
+    """The norms of the units of ``work``, from their ``sums`` of ``|x|^p`` (and
+    their largest magnitudes ``tops`` where found), in one vector, array after
+    array, and whether each is finite. Sums that left their range are redone in
+    one branch, each array reading its units' factors from the vector of them by
+    ``shrinks`` (at offsets hidden from XLA, so alike arrays share a kernel)."""
     total = ravel_all(sums)
     need = _needs_rescue(total, p, rescue_tiny, ravel_all(_tops_or_above(tops, sums)))
 
@@ -653,19 +661,44 @@ def _norms_in_one_vector(
 
     def rescue() -> tuple[Array, Array]:
         def found_or(sanitized: bool) -> Array:
-            return maxima(True) if sanitized else ravel_all(_fill_maxima(tops, work, across))
+            return ravel_all(
+                _fill_maxima([None] * len(work) if sanitized else tops, work, across, sanitized)
+            )
 
         scale, finite = _rescue_scale(total, p, sanitize, found_or)
-        parts = []
-        shrinks = _run_parts(scale.shrink, runs, [False] * len(runs))
-        for (x, a, r), run, part, shape in zip(work, runs, shrinks, shapes):
-            shrink = _segment(part, hidden[run.place], shape)
-            parts.append(across.sum(_unit_sums(x, a, p, sanitize, shrink), r))
+        parts = [
+            across.sum(_unit_sums(x, a, p, sanitize, shrink), r)
+            for (x, a, r), shrink in zip(work, shrinks(scale.shrink))
+        ]
         norms = _root(ravel_all(parts), p) * scale.grow
         return norms, finite & jnp.isfinite(norms)
 
-    norms, finite = lax.cond(need, rescue, plain)
-    return SliceNorms([_reorder(norms, to_work)], [_reorder(finite, to_work)], split)
+    return lax.cond(need, rescue, plain)
+
+
+def _unit_norms_in_one_vector(
+    packed: Packed, p: float, sanitize: bool, rescue_tiny: bool, across: Across
+) -> tuple[list[Array], list[Array]]:
+    """:func:`slice_norms` of units (slices) with their sums in one vector while
+    the norms are found and any range rescue is done, as for whole leaves: one
+    check, and a branch with one small reduction per array (the rescue of each
+    array's sums apart was four kernels per array for XLA to compile, and one
+    for each array passing through the other branch: agc on 2000 leaves compiled
+    and lowered in 37.9 s so, in 45.8 s apart; medians of three fresh processes).
+    Each array's norms are read back at its offset, hidden from XLA."""
+    work = list(zip(packed.work, packed.axes, packed.flags))
+    sums, tops = _unit_sums_and_tops(work, p, across)
+    # the units of an empty array are zero, and need no rescue
+    tops = [jnp.zeros_like(s) if x.size == 0 else t for s, t, (x, _, _) in zip(sums, tops, work)]
+    shapes = [s.shape for s in sums]
+    starts = list(itertools.accumulate((math.prod(shape) for shape in shapes), initial=0))
+    hidden = _hidden_numbers(sums, starts[:-1])
+
+    def segments(vector: Array) -> list[Array]:
+        return [_segment(vector, hidden[at], shape) for at, shape in zip(starts, shapes)]
+
+    norms, finite = _vector_of_norms(work, sums, tops, p, sanitize, rescue_tiny, across, segments)
+    return segments(norms), segments(finite)
 
 
 class _Run(NamedTuple):
@@ -1152,8 +1185,12 @@ def _slice_norms(
         return lax.cond(all_true(finite), lambda: raw, lambda: maxima(True)), finite
 
     sums, tops = _unit_sums_and_tops(work, p, across)
-    kept = [k for k, x in enumerate(leaves) if x.size > 0]
-    need = _any_needs_rescue([sums[k] for k in kept], [tops[k] for k in kept], p, rescue_tiny)
+    checks = [
+        _needs_rescue(s, p, rescue_tiny, t)
+        for s, t, x in zip(sums, _tops_or_above(tops, sums), leaves)
+        if x.size > 0
+    ]
+    need = any_true(checks)
 
     def plain() -> tuple[list[Array], list[Array]]:
         norms = [_root(s, p) for s in sums]
