@@ -510,10 +510,11 @@ class SliceNorms(NamedTuple):
     """Norms computed on a few work arrays, each standing for one or more leaves.
 
     Small leaves of equal shape are stacked and reduced together (see
-    :func:`slice_norms`), and whole-leaf norms are gathered in one vector where
-    the leaves allow it (one accumulation dtype, no sharding to respect); other
-    norms are kept per work array. Elementwise work on the norms is cheapest in
-    that form, and ``split`` hands out one result per original leaf at the end.
+    :func:`slice_norms`), and the norms are gathered in one vector where the
+    leaves allow it (one accumulation dtype, no sharding to respect; per-unit
+    norms of any order but inf); other norms are kept per work array.
+    Elementwise work on the norms is cheapest in that form, and ``split`` hands
+    out one result per original leaf at the end.
     """
 
     norms: list[Array]
@@ -556,14 +557,10 @@ def slice_norms(
     if packed.work and together and all(a is None for a in axes):
         return _norms_in_one_vector(packed, p, sanitize, rescue_tiny, across)
     if packed.work and together and p != math.inf:
-        # per-slice norms are handed out per work array: read from a vector inside
-        # the kernels that rescale the slices, they made an AdamW step with agc 4%
-        # slower on CPU
-        norms, finite = _unit_norms_in_one_vector(packed, p, sanitize, rescue_tiny, across)
-    else:
-        norms, finite = _slice_norms(
-            packed.work, p, packed.axes, sanitize, rescue_tiny, across, packed.flags
-        )
+        return _unit_norms_in_one_vector(packed, p, sanitize, rescue_tiny, across)
+    norms, finite = _slice_norms(
+        packed.work, p, packed.axes, sanitize, rescue_tiny, across, packed.flags
+    )
     return SliceNorms(norms, finite, packed.split)
 
 
@@ -678,14 +675,18 @@ def _vector_of_norms(
 
 def _unit_norms_in_one_vector(
     packed: Packed, p: float, sanitize: bool, rescue_tiny: bool, across: Across
-) -> tuple[list[Array], list[Array]]:
-    """:func:`slice_norms` of units (slices) with their sums in one vector while
-    the norms are found and any range rescue is done, as for whole leaves: one
-    check, and a branch with one small reduction per array (the rescue of each
-    array's sums apart was four kernels per array for XLA to compile, and one
-    for each array passing through the other branch: agc on 2000 leaves compiled
-    and lowered in 37.9 s so, in 45.8 s apart; medians of three fresh processes).
-    Each array's norms are read back at its offset, hidden from XLA."""
+) -> SliceNorms:
+    """:func:`slice_norms` of units (slices) with every norm in one vector, work
+    array after work array, as :func:`_norms_in_one_vector` has whole-leaf norms:
+    one check for the range rescue, one branch that redoes each array's sums, and
+    the scales and statistics a few operations on the vector. Each work array
+    reads its part of a result at an offset hidden from XLA, inside the kernel
+    that uses it, so arrays of one shape share their kernels. agc on 2000 leaves
+    lowered and compiled in 25.1 s so, against 41.0 s with the norms found in one
+    vector but handed out per work array (a few kernels more per array: its
+    scale, ratio and two factors) and 45.8 s found per work array (medians of
+    three fresh processes); its AdamW step took the same time either way.
+    """
     work = list(zip(packed.work, packed.axes, packed.flags))
     sums, tops = _unit_sums_and_tops(work, p, across)
     # the units of an empty array are zero, and need no rescue
@@ -694,11 +695,14 @@ def _unit_norms_in_one_vector(
     starts = list(itertools.accumulate((math.prod(shape) for shape in shapes), initial=0))
     hidden = _hidden_numbers(sums, starts[:-1])
 
-    def segments(vector: Array) -> list[Array]:
+    def parts(vector: Array) -> list[Array]:
         return [_segment(vector, hidden[at], shape) for at, shape in zip(starts, shapes)]
 
-    norms, finite = _vector_of_norms(work, sums, tops, p, sanitize, rescue_tiny, across, segments)
-    return segments(norms), segments(finite)
+    def split(results: Sequence[Array]) -> list[Array]:
+        return packed.split(parts(results[0]))
+
+    norms, finite = _vector_of_norms(work, sums, tops, p, sanitize, rescue_tiny, across, parts)
+    return SliceNorms([norms], [finite], split)
 
 
 class _Run(NamedTuple):

@@ -1,6 +1,7 @@
 """Robust norms: values against a float64 NumPy reference, range rescue, gradients."""
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -343,6 +344,34 @@ def test_each_leaf_gets_its_own_norm_when_shapes_interleave():
         expected = x * min(1.0, 10.0 / np_norm([leaf])) if np.any(x) else x
         tolerance = 1e-2 if leaf.dtype == jnp.bfloat16 else 1e-5
         np.testing.assert_allclose(np.asarray(out[name], np.float64), expected, rtol=tolerance)
+
+
+@pytest.mark.parametrize("policy", ["propagate", "zero"])
+def test_each_leaf_gets_its_own_unit_norms_from_the_vector(policy):
+    """Per-unit norms sit in one vector and each work array reads its part at a
+    hidden offset: alike leaves in other places, stacks, an all-zero leaf, an
+    empty one and a leaf whose column sums overflow each get their own columns'
+    norms and scales (agc against a NumPy reference)."""
+    rng = np.random.default_rng(5)
+    shapes = [(130, 128), (40, 130), (130, 128), (7, 5), (130, 128), (0, 3), (40, 130)]
+    params = {f"w{i}": rng.normal(size=s) for i, s in enumerate(shapes)}
+    params |= {f"small{i}": rng.normal(size=(4, 6)) for i in range(20)}  # stacked
+    grads = {k: rng.normal(size=v.shape) * (1 + i) for i, (k, v) in enumerate(params.items())}
+    grads["w2"] = np.zeros((130, 128))
+    grads["w4"] = grads["w4"] * 1e20  # squares above the float32 range
+    params["w4"] = params["w4"] * 1e22
+    as32 = partial(jax.tree.map, lambda x: jnp.asarray(x, jnp.float32))
+    tx = jaxclip.agc(0.05, nonfinite=policy)
+    out = jax.jit(lambda g, w: tx.update(g, tx.init(w), w)[0])(as32(grads), as32(params))
+    for name, g in grads.items():
+        g = np.asarray(np.float32(g), np.float64)
+        w = np.asarray(np.float32(params[name]), np.float64)
+        axis = 0 if g.ndim == 2 else None
+        g_norm = np.sqrt(np.sum((g / 1e20) ** 2, axis=axis, keepdims=True)) * 1e20
+        w_norm = np.sqrt(np.sum((w / 1e20) ** 2, axis=axis, keepdims=True)) * 1e20
+        limit = 0.05 * np.maximum(w_norm, 1e-3)
+        scale = np.where(g_norm > limit, limit / np.maximum(g_norm, 1e-300), 1.0)
+        np.testing.assert_allclose(np.asarray(out[name], np.float64), g * scale, rtol=2e-5)
 
 
 def test_unit_order_in_adaptive_state_is_the_leaf_order():
