@@ -684,8 +684,8 @@ def _unit_norms_in_one_vector(
     that uses it, so arrays of one shape share their kernels. agc on 2000 leaves
     lowered and compiled in 25.1 s so, against 41.0 s with the norms found in one
     vector but handed out per work array (a few kernels more per array: its
-    scale, ratio and two factors) and 45.8 s found per work array (medians of
-    three fresh processes); its AdamW step took the same time either way.
+    scale, ratio and two factors; medians of three fresh processes, interleaved);
+    its AdamW step took the same time either way.
     """
     work = list(zip(packed.work, packed.axes, packed.flags))
     sums, tops = _unit_sums_and_tops(work, p, across)
