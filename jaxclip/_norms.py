@@ -658,9 +658,10 @@ def _vector_of_norms(
 
     def rescue() -> tuple[Array, Array]:
         def found_or(sanitized: bool) -> Array:
-            return ravel_all(
-                _fill_maxima([None] * len(work) if sanitized else tops, work, across, sanitized)
+            found = (
+                _unit_maxima(work, True, across) if sanitized else _fill_maxima(tops, work, across)
             )
+            return ravel_all(found)
 
         scale, finite = _rescue_scale(total, p, sanitize, found_or)
         parts = [
@@ -689,8 +690,6 @@ def _unit_norms_in_one_vector(
     """
     work = list(zip(packed.work, packed.axes, packed.flags))
     sums, tops = _unit_sums_and_tops(work, p, across)
-    # the units of an empty array are zero, and need no rescue
-    tops = [jnp.zeros_like(s) if x.size == 0 else t for s, t, (x, _, _) in zip(sums, tops, work)]
     shapes = [s.shape for s in sums]
     starts = list(itertools.accumulate((math.prod(shape) for shape in shapes), initial=0))
     hidden = _hidden_numbers(sums, starts[:-1])
@@ -796,7 +795,8 @@ def _unit_sums_and_tops(
     work: Sequence[tuple[Array, tuple[int, ...] | None, bool]], p: float, across: Across
 ) -> tuple[list[Array], list[Array | None]]:
     """Per (array, axes, replicated) in ``work``, ``sum(|x|^p)`` over the axes (kept)
-    and, where one pass finds both, ``max |x|`` (else None).
+    and, where one pass finds both (or the array is empty: zero), ``max |x|``
+    (else None).
 
     The maximum is found as an integer (see :func:`_order_key`) beside the float
     sum. XLA on CPU runs such a reduction as fast as a plain sum where the units
@@ -813,7 +813,8 @@ def _unit_sums_and_tops(
         rows = _in_rows(x, axes)
         if rows is None:
             sums.append(across.sum(_unit_sums(x, axes, p, False), replicated))
-            tops.append(None)
+            # an empty array's units are zero, and need no rescue
+            tops.append(jnp.zeros(shape, _acc(x)) if x.size == 0 else None)
             continue
         acc = _acc(x)
         if x.dtype != acc:

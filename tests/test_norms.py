@@ -236,9 +236,9 @@ def test_slice_norms_rescue_each_slice():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("side", ["overflow", "underflow"])
 def test_per_unit_rescue_is_decided_for_every_dtype(dtype, side):
-    """Whether to redo the per-unit sums is decided once for all the sums of a
-    dtype: one leaf whose columns leave its range, among leaves of both dtypes,
-    still has every column redone, and the others keep theirs."""
+    """Leaves of float32 and float64 beside each other: one leaf whose columns
+    leave its range, of either dtype, has every column redone, and the others
+    keep theirs."""
     extreme = {
         ("float32", "overflow"): 1e25,
         ("float32", "underflow"): 1e-25,
