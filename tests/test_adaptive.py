@@ -421,6 +421,60 @@ def test_skip_on_spike_leaves_the_inner_state_unchanged():
     assert int(state.norm_count) == 5  # the window keeps filling
 
 
+def _spike_grads():
+    rng = np.random.default_rng(12)
+    return {
+        "w": jnp.asarray(rng.normal(size=(6, 5)) * 3, jnp.float32),
+        "b": jnp.asarray(rng.normal(size=5), jnp.float32),
+    }
+
+
+def test_skip_on_spike_shares_its_norm_with_the_clip_inside(monkeypatch):
+    grads = _spike_grads()
+    inner = optax.chain(jaxclip.clip_by_global_norm(1.0), optax.sgd(1.0))
+    tx = jaxclip.skip_on_spike(inner, window=4)
+    calls = []
+    measure = jaxclip._norms.global_norm_and_finite
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(jaxclip._norms, "global_norm_and_finite", counted)
+    out, state = jax.jit(tx.update)(grads, tx.init(grads))
+    assert len(calls) == 1  # the guard's pass only: the clip inside takes its norm
+    norm = np_norm(jax.tree.leaves(grads))
+    assert float(state.inner[0].norm) == pytest.approx(norm, rel=1e-6)
+    assert float(state.stats.norm) == pytest.approx(norm, rel=1e-6)
+    for key in grads:
+        np.testing.assert_allclose(out[key], -np.asarray(grads[key]) / norm, rtol=1e-6)
+    # the same numbers as the clip measuring on its own
+    alone, _ = jax.jit(inner.update)(grads, inner.init(grads))
+    chex.assert_trees_all_equal(out, alone)
+
+
+@pytest.mark.parametrize(
+    "inner, clip_norm",
+    [
+        # a transformation before the clip hands it other arrays: the norm of 2 g
+        (
+            optax.chain(optax.scale(2.0), jaxclip.clip_by_global_norm(1.0)),
+            lambda leaves: 2 * np_norm(leaves),
+        ),
+        # the same arrays, another norm
+        (jaxclip.clip_by_global_norm(1.0, ord=1), lambda leaves: np_norm(leaves, 1)),
+    ],
+    ids=["changed-gradient", "other-order"],
+)
+def test_skip_on_spike_shares_no_norm_measured_otherwise(inner, clip_norm):
+    grads = _spike_grads()
+    tx = jaxclip.skip_on_spike(inner, window=4)
+    _, state = jax.jit(tx.update)(grads, tx.init(grads))
+    leaves = jax.tree.leaves(grads)
+    assert float(jaxclip.get_stats(state.inner).norm) == pytest.approx(clip_norm(leaves), rel=1e-6)
+    assert float(state.stats.norm) == pytest.approx(np_norm(leaves), rel=1e-6)
+
+
 # -- common behaviour -------------------------------------------------------------------
 
 ALL = {
