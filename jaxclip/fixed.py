@@ -366,8 +366,6 @@ def _full_value_stats(
     where: _clip.Mapped,
 ) -> tuple[Array, Array, Array]:
     """Whether any element was clipped, post/pre-clip norm ratio, fraction clipped."""
-    # Small leaves of one shape are reduced together (see _norms): a tree of
-    # thousands of leaves then compiles in seconds.
     across = _norms.Across(where.axis_name)
     after, n_changed = _norms.norm_and_changes(
         leaves, clip, axis_name=where.axis_name, replicated=flags
@@ -401,14 +399,14 @@ def _light_value_stats(
             leaves, magnitude=bounds.symmetric, axis_name=where.axis_name, replicated=flags
         )
         norm, finite = measured.norm, measured.finite
-        tops, bottoms = measured.tops, measured.bottoms
-        los, his = measured.gather(los), measured.gather(his)
-        outside = [jnp.any((t > h) | (b < lo)) for t, b, lo, h in zip(tops, bottoms, los, his)]
-        largest = [jnp.max(jnp.maximum(jnp.abs(t), jnp.abs(b))) for t, b in zip(tops, bottoms)]
-        largest_after = [
-            jnp.max(jnp.maximum(jnp.abs(jnp.clip(t, lo, h)), jnp.abs(jnp.clip(b, lo, h))))
-            for t, b, lo, h in zip(tops, bottoms, los, his)
-        ]
+        # one vector each: thousands of scalar expressions would be fused into
+        # one kernel that compiles in time growing with the square of its length
+        top, bottom = _norms.ravel_all(measured.tops), _norms.ravel_all(measured.bottoms)
+        lo, hi = jnp.stack(los), jnp.stack(his)
+        outside = [jnp.any((top > hi) | (bottom < lo))]
+        largest = [jnp.max(jnp.maximum(jnp.abs(top), jnp.abs(bottom)))]
+        top, bottom = jnp.clip(top, lo, hi), jnp.clip(bottom, lo, hi)
+        largest_after = [jnp.max(jnp.maximum(jnp.abs(top), jnp.abs(bottom)))]
     else:  # bounds that vary within a leaf: look at every element
         norm, finite = _norms.global_norm_and_finite(
             leaves, 2.0, axis_name=where.axis_name, replicated=flags

@@ -463,8 +463,8 @@ class ClipByValueTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_full_statistics_match_a_numpy_rule(self):
-        # 20 small leaves of one shape are reduced together; NaN elements are
-        # never counted as clipped; a bound of 1e-30 underflows the sum of squares
+        # 20 small leaves of one shape (stacked in the rescue alone); NaN elements
+        # are never counted as clipped; a bound of 1e-30 underflows the sum of squares
         # of the clipped tree in float32, so its norm comes from the rescue. Bounds
         # are rounded to each leaf's dtype, in the statistics as in the clip.
         rng = np.random.default_rng(5)
@@ -522,7 +522,7 @@ class ClipByValueTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_light_statistics_with_pytree_and_per_element_bounds(self):
-        # 20 small leaves of one shape are reduced together; "v" has per-element bounds.
+        # 20 small leaves of one shape; "v" has per-element bounds.
         rng = np.random.default_rng(4)
         grads = {f"l{i:02d}": jnp.asarray(rng.normal(size=(3,)), jnp.float32) for i in range(20)}
         grads["v"] = jnp.array([0.5, -2.0, 3.0])

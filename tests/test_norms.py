@@ -167,13 +167,29 @@ def test_gradient_matches_the_analytic_one():
 
 
 def test_common_case_is_one_reduction_per_leaf():
-    """The rescue runs in a cond branch: outside it, one sum per leaf, no max."""
+    """The rescue runs in a cond branch: outside it, one sum per leaf (and one
+    over their sums), no max."""
     tree = [jnp.ones((4, 4)), jnp.ones(3), jnp.ones(())]
     jaxpr = jax.make_jaxpr(jaxclip.global_norm)(tree).jaxpr
     top = [eqn.primitive.name for eqn in jaxpr.eqns]
-    assert top.count("reduce_sum") == 3
+    assert top.count("reduce_sum") == 3 + 1
     assert "reduce_max" not in top
     assert top.count("cond") == 1
+
+
+def test_common_case_reads_alike_leaves_in_place():
+    """Many alike small leaves are summed one by one outside the rescue: a stack
+    of them would be a copy of them all, written on every call."""
+    tree = [jnp.full((8, 8), 0.5) for _ in range(2 * _norms._PACK_COUNT)]
+    jaxpr = jax.make_jaxpr(jaxclip.global_norm)(tree).jaxpr
+    joined = [e for e in jaxpr.eqns if e.primitive.name == "concatenate"]
+    assert joined, "the per-leaf sums are expected in one vector"
+    assert all(e.outvars[0].aval.size <= len(tree) for e in joined)
+    assert [e.primitive.name for e in jaxpr.eqns].count("reduce_sum") == len(tree) + 1
+    np.testing.assert_allclose(jaxclip.global_norm(tree), 0.5 * 8 * np.sqrt(len(tree)), rtol=1e-6)
+    # the rescue, which stacks them, gives the same norm for a tree far out of range
+    big = [x * 1e30 for x in tree]
+    np.testing.assert_allclose(jaxclip.global_norm(big), 0.5e30 * 8 * np.sqrt(len(tree)), rtol=1e-6)
 
 
 def _scratch_bytes(fn, *args):
@@ -418,17 +434,12 @@ def _extremes(leaves, magnitude=False, jit=True):
 
     def measure(xs):
         m = _norms.norm_and_extremes(xs, magnitude=magnitude)
-        marks = m.gather([jnp.asarray(float(i)) for i in range(len(xs))])  # leaf indices
-        return m.norm, m.finite, m.tops, m.bottoms, marks
+        return m.norm, m.finite, m.tops, m.bottoms
 
-    norm, finite, tops, bottoms, marks = (jax.jit(measure) if jit else measure)(leaves)
-    per_leaf = {}
-    for index, top, bottom in zip(marks, tops, bottoms):
-        for i, t, b in zip(np.atleast_1d(index), np.atleast_1d(top), np.atleast_1d(bottom)):
-            per_leaf[int(i)] = (float(t), float(b))
-    order = list(range(len(leaves)))
-    assert sorted(per_leaf) == order
-    return norm, finite, [per_leaf[i][0] for i in order], [per_leaf[i][1] for i in order]
+    norm, finite, tops, bottoms = (jax.jit(measure) if jit else measure)(leaves)
+    assert len(tops) == len(bottoms) == len(leaves)
+    assert all(np.shape(t) == np.shape(b) == () for t, b in zip(tops, bottoms))
+    return norm, finite, [float(t) for t in tops], [float(b) for b in bottoms]
 
 
 @pytest.mark.parametrize("jit", [False, True])
