@@ -472,8 +472,20 @@ def all_true(flags: Sequence[Array]) -> Array:
     return _reduce_all(jnp.all, flags) if flags else jnp.array(True)
 
 
+# Up to this many scalars are added one after another (see sum_of).
+_CHAIN_LIMIT = 64
+
+
 def sum_of(arrays: Sequence[Array]) -> Array:
-    """The sum of the elements of a non-empty sequence of arrays of one dtype."""
+    """The sum of the elements of a non-empty sequence of arrays of one dtype.
+
+    Up to _CHAIN_LIMIT scalars are added in order, as PyTorch adds per-tensor
+    results and whatever the sharding (a reduction of a vector is rounded
+    differently on some XLA versions, and under some shardings); more are reduced
+    as one vector held apart (see :func:`ravel_all`).
+    """
+    if len(arrays) <= _CHAIN_LIMIT and all(a.ndim == 0 for a in arrays):
+        return add_all(arrays)
     return _reduce_all(jnp.sum, arrays)
 
 
