@@ -188,8 +188,9 @@ def test_common_case_reads_alike_leaves_in_place():
     assert [e.primitive.name for e in jaxpr.eqns].count("reduce_sum") == len(tree) + 1
     np.testing.assert_allclose(jaxclip.global_norm(tree), 0.5 * 8 * np.sqrt(len(tree)), rtol=1e-6)
     # the rescue, which stacks them, gives the same norm for a tree far out of range
+    # (older XLA versions add up the rescaled stack in order: 7e-6 off on jax 0.7)
     big = [x * 1e30 for x in tree]
-    np.testing.assert_allclose(jaxclip.global_norm(big), 0.5e30 * 8 * np.sqrt(len(tree)), rtol=1e-6)
+    np.testing.assert_allclose(jaxclip.global_norm(big), 0.5e30 * 8 * np.sqrt(len(tree)), rtol=2e-5)
 
 
 def _scratch_bytes(fn, *args):
