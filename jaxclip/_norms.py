@@ -1000,8 +1000,8 @@ def norm_and_extremes(
     reduction carries the sum of squares and the extremes together. With
     ``magnitude`` only ``max |x|`` is computed and ``bottoms`` are its
     negation. NaN propagates to both extremes of its leaf. Each leaf is reduced
-    on its own (stacked only in the rescue); with ``axis_name`` everything is taken over
-    every device's piece. Leaves must not be empty.
+    on its own (alike leaves are stacked only in the rescue); with ``axis_name``
+    everything is taken over every device's piece. Leaves must not be empty.
     """
     across = Across(axis_name)
     flags = list(replicated) if replicated is not None else [False] * len(leaves)
@@ -1068,8 +1068,7 @@ class Packed(NamedTuple):
     with their ``axes`` and replication ``flags``; ``origins``: per work array,
     its leaves' indices and whether it is one ``"leaf"`` or a stack of leaves
     reduced ``"whole"`` or by ``"slices"``; ``split`` maps one result per work
-    array back to one per leaf; ``gather`` maps one scalar per leaf to one value
-    per work array (a vector for a stack).
+    array back to one per leaf.
     """
 
     work: list[Array]
@@ -1077,7 +1076,6 @@ class Packed(NamedTuple):
     flags: list[bool]
     origins: list[tuple[list[int], str]]
     split: Callable[[Sequence[Array]], list[Array]]
-    gather: Callable[[Sequence[Array]], list[Array]]
 
 
 def _stack_alike(
@@ -1096,7 +1094,7 @@ def _stack_alike(
     groups = {k: idx for k, idx in groups.items() if len(idx) > 1}
     if sum(len(idx) for idx in groups.values()) < _PACK_COUNT:
         alone = [([i], "leaf") for i in range(len(leaves))]
-        return Packed(list(leaves), list(axes), list(replicated), alone, list, list)
+        return Packed(list(leaves), list(axes), list(replicated), alone, list)
 
     work: list[Array] = []
     work_axes: list[tuple[int, ...] | None] = []
@@ -1127,13 +1125,7 @@ def _stack_alike(
                     out[i] = row.reshape(()) if kind == "whole" else row
         return out
 
-    def gather(values: Sequence[Array]) -> list[Array]:
-        return [
-            values[idx[0]] if kind == "leaf" else jnp.stack([values[i] for i in idx])
-            for idx, kind in origins
-        ]
-
-    return Packed(work, work_axes, work_flags, origins, split, gather)
+    return Packed(work, work_axes, work_flags, origins, split)
 
 
 def _hidden_numbers(probes: Sequence[Array], numbers: Iterable[int]) -> dict[int, Array]:
