@@ -10,12 +10,11 @@ and records what it did in a :class:`ClipStats`::
     jaxclip.get_stats(opt_state).norm   # the pre-clip global norm
 """
 
-from jaxclip._norms import global_norm, leaf_norms
+from jaxclip._clip import AdaptiveClipState
 from jaxclip._rules import AutoClipState, QuantileState, ZClipState
 from jaxclip._stats import ClipStats, get_stats, stats_dict
 from jaxclip.adaptive import (
     AdaGCState,
-    AdaptiveClipState,
     adagc,
     autoclip,
     quantile_clip,
@@ -25,6 +24,7 @@ from jaxclip.agc import agc
 from jaxclip.diagnostics import GradReport, diagnose
 from jaxclip.fixed import clip_by_global_norm, clip_by_norm, clip_by_value
 from jaxclip.guards import SkipOnSpikeState, skip_on_spike
+from jaxclip.norms import global_norm, leaf_norms
 from jaxclip.per_example import (
     ClippedSum,
     PerExampleClipState,

@@ -19,10 +19,12 @@ from jaxclip import _checks
 Array = jax.Array
 
 
-def as_threshold(value: Any, step: Array, dtype: Any) -> Array:
-    """A threshold hyperparameter (number, array or schedule) as a ``dtype`` scalar."""
+def as_array(value: Any, dtype: Any, step: Array | None = None) -> Array:
+    """A hyperparameter as a ``dtype`` scalar: a number, an array (possibly traced,
+    e.g. injected with ``optax.inject_hyperparams``) or a schedule ``step -> value``
+    (read at ``step``, or at 0 without one)."""
     if callable(value) and not isinstance(value, jax.Array):
-        value = value(step)
+        value = value(jnp.zeros((), jnp.int32) if step is None else step)
     return jnp.asarray(value).astype(dtype)
 
 
@@ -101,12 +103,15 @@ def scale_for(
         scale = jnp.where(over, threshold, one) / jnp.where(over | jnp.isnan(norm), norm, one)
         return as_factor(scale, threshold, norm)
     safe_norm = jnp.where(norm > 0, norm, jnp.ones_like(norm))
-    plain = threshold / safe_norm
+    # an infinite threshold (no clipping) gives scale 1; a finite stand-in keeps the
+    # unused coefficient, and so its gradient, finite
+    finite_threshold = jnp.where(jnp.isfinite(threshold), threshold, jnp.zeros_like(threshold))
+    plain = finite_threshold / safe_norm
     if eps_value == 0.0:
         coef, over = plain, norm > threshold
     else:
         eps_arr = jnp.asarray(eps, dtype)
-        torch_like = threshold * lax.reciprocal(norm + eps_arr)
+        torch_like = finite_threshold * lax.reciprocal(norm + eps_arr)
         if eps_value is None:  # traced eps: choose at run time
             torch_like = jnp.where(eps_arr > 0, torch_like, plain)
         coef = torch_like

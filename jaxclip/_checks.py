@@ -98,11 +98,12 @@ def check_scalar(
         raise ValueError(f"{owner}: {name} must be <= {maximum}, got {v}.")
 
 
-def check_threshold(owner: str, name: str, value: Any) -> None:
-    """A norm threshold: a finite number >= 0, a scalar array, or a schedule."""
+def check_threshold(owner: str, name: str, value: Any, allow_inf: bool = True) -> None:
+    """A norm threshold: a number >= 0, a scalar array, or a schedule. +inf means
+    "never clip" (as in PyTorch and Optax: the way to log the norm only)."""
     if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
         return  # a schedule of the step count; checked when it is called
-    check_scalar(owner, name, value, minimum=0.0)
+    check_scalar(owner, name, value, minimum=0.0, allow_inf=allow_inf)
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> str:
@@ -234,3 +235,29 @@ def replace_leaves(tree: Any, paths: Sequence[Any], new_leaves: Sequence[Any]) -
     """``tree`` with the leaf at each of ``paths`` replaced; other leaves kept."""
     by_path = {tuple(path): leaf for path, leaf in zip(paths, new_leaves)}
     return jax.tree_util.tree_map_with_path(lambda path, x: by_path.get(tuple(path), x), tree)
+
+
+def normalize_axes(
+    owner: str, paths: Sequence[Any], leaves: Sequence[jax.Array], axis: tuple[int, ...] | None
+) -> list[tuple[int, ...] | None]:
+    """Per leaf, ``axis`` made non-negative; raises if a leaf lacks those axes."""
+    if axis is None:
+        return [None] * len(leaves)
+    out: list[tuple[int, ...] | None] = []
+    for path, x in zip(paths, leaves):
+        resolved = []
+        for a in axis:
+            if not -x.ndim <= a < x.ndim:
+                raise ValueError(
+                    f"{owner}: axis={axis} does not fit leaf {path_str(path)} of shape "
+                    f"{x.shape}. Choose axes every leaf has, or clip such leaves separately "
+                    "with optax.partition."
+                )
+            resolved.append(a % x.ndim)
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(
+                f"{owner}: axis={axis} names the same axis twice for leaf "
+                f"{path_str(path)} of shape {x.shape}."
+            )
+        out.append(tuple(sorted(resolved)))
+    return out

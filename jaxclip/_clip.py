@@ -1,17 +1,23 @@
-"""The shared machinery of the clippers: measure, rescale, summarize.
+"""The clipper pattern: a measure, a threshold rule, an application.
 
-A clipper differs from another only in how it picks its threshold. For global
-norms :func:`measure` and :func:`rescale` do the rest; for per-leaf or
-per-unit norms :func:`measure_units`, :func:`rescale_units` and
-:func:`summarize_units`. Every clipper thus has the same numerics, non-finite
-policies and statistics.
+Every norm-based clipper measures the gradient, asks a rule how big is too big,
+and applies the scale under a non-finite policy, recording a ``ClipStats``:
+
+- :func:`rule_clipper`: the global norm and a rule ``(state, norm, step) ->
+  threshold`` (``_rules.py``): ``clip_by_global_norm`` (a constant rule),
+  ``autoclip``, ``zclip``, ``quantile_clip``.
+- :func:`unit_clipper`: the norm of each unit (a leaf, a slice of a leaf, or
+  the whole gradient as one unit) and a decision of each unit's scale:
+  ``clip_by_norm``, ``agc`` (units of the weights measured alongside) and
+  ``adagc``.
+
+Information flows only through arguments and states: a transformation never
+learns what another one measured.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
 import chex
@@ -19,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclip import _apply, _checks, _norms
+from jaxclip import _apply, _checks, _norms, _rules
+from jaxclip._stats import ClipStats, initial_stats, next_stats
 
 Array = jax.Array
 State = TypeVar("State", bound=tuple)  # the clippers' states are NamedTuples
@@ -40,7 +47,8 @@ def transformation_with_extra_args(
 
 
 class Mapped(NamedTuple):
-    """How the gradient is spread over mapped axes (``shard_map``, ``pmap``).
+    """How the gradient is spread over mapped axes (``shard_map``, ``pmap``): see
+    the distributed-training guide (``docs/guides/distributed.md``).
 
     ``axis_name``: the axes whose devices each hold a disjoint piece of the
     gradient, or None. ``replicated``: which leaves are whole on every device
@@ -84,6 +92,19 @@ def mapped(owner: str, axis_name: Any, replicated: Any) -> Mapped:
 NOT_MAPPED = Mapped()
 
 
+def stats_dtype(params: Any) -> Any:
+    """The dtype of a clipper's statistics and rule state: float64 when ``params`` has
+    a float64 leaf, or is None with x64 enabled (the gradient's dtypes are then not
+    known yet), else float32."""
+    if params is None:
+        return jax.dtypes.canonicalize_dtype(jnp.float64)
+    dtypes = [getattr(x, "dtype", None) for x in jax.tree.leaves(params)]
+    return _norms.accumulation_dtype([d for d in dtypes if d is not None])
+
+
+# -- global norms ------------------------------------------------------------------------
+
+
 class Measured(NamedTuple):
     """A gradient and its global norm."""
 
@@ -91,55 +112,24 @@ class Measured(NamedTuple):
     leaves: list[Array]
     norm: Array  # accumulation dtype []: the pre-clip norm
     finite: Array  # bool[]: every element finite and the norm in range
-    settings: tuple[Any, ...]  # what the norm depends on besides the leaves
-
-
-# Norms measured by an enclosing transformation while it traces the one it
-# wraps (see shared_norm); trace-time only, never part of a state.
-_SHARED: contextvars.ContextVar[tuple[Measured, ...]] = contextvars.ContextVar(
-    "jaxclip_shared_norms", default=()
-)
 
 
 def measure(
     owner: str, updates: Any, p: float, policy: str, where: Mapped = NOT_MAPPED
 ) -> Measured:
-    """Checks the leaves (at trace time) and computes the global p-norm, or takes
-    it from a :func:`shared_norm` block that measured these very leaves alike."""
+    """Checks the leaves (at trace time) and computes the global p-norm."""
     flat = _checks.float_leaves(updates, owner)
     paths = [path for path, _ in flat]
     leaves = [x for _, x in flat]
-    flags = where.flags(owner, paths, leaves)
-    settings = (p, policy == "zero", where.axis_name, tuple(flags))
-    for known in reversed(_SHARED.get()):
-        if known.settings == settings and _same_arrays(known.leaves, leaves):
-            return Measured(paths, leaves, known.norm, known.finite, settings)
     norm, finite = _norms.global_norm_and_finite(
-        leaves, p, sanitize=settings[1], axis_name=where.axis_name, replicated=flags
+        leaves,
+        p,
+        sanitize=policy == "zero",
+        axis_name=where.axis_name,
+        replicated=where.flags(owner, paths, leaves),
     )
     chex.assert_shape([norm, finite], ())
-    return Measured(paths, leaves, norm, finite, settings)
-
-
-@contextlib.contextmanager
-def shared_norm(measured: Measured) -> Iterator[None]:
-    """While tracing the block, :func:`measure` of the very arrays of ``measured``
-    (the same traced objects, so the same values) with the same settings returns
-    its norm instead of reading the gradient again: a guard that measured the
-    gradient saves the clip inside it a pass (``skip_on_spike`` around a chain
-    that starts with ``clip_by_global_norm``: its AdamW step 8% faster on a 17 MB
-    tree, 5% to 10% on 167 MB, in three runs each). A transformation earlier in
-    the chain that changes the gradient hands the clip new arrays, which are
-    measured anew."""
-    token = _SHARED.set((*_SHARED.get(), measured))
-    try:
-        yield
-    finally:
-        _SHARED.reset(token)
-
-
-def _same_arrays(a: list[Array], b: list[Array]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return Measured(paths, leaves, norm, finite)
 
 
 class Rescaled(NamedTuple):
@@ -163,68 +153,146 @@ def rescale(
     return Rescaled(new_updates, reported, clipped)
 
 
-def stats_dtype(params: Any) -> Any:
-    """float64 when ``params`` has a float64 leaf (with x64 enabled), else float32."""
-    dtypes = [getattr(x, "dtype", None) for x in jax.tree.leaves(params)]
-    return _norms.accumulation_dtype([d for d in dtypes if d is not None])
+class AdaptiveClipState(NamedTuple):
+    """State of an adaptive clipper: its rule's state and the statistics."""
+
+    rule: Any  # the rule's NamedTuple of arrays (e.g. ZClipState: count, mean, var)
+    stats: ClipStats
 
 
-def initial_threshold(value: Any, dtype: Any) -> Array:
-    """The initial threshold to record: the value at step 0 if it can be read."""
-    return _apply.as_threshold(value, jnp.zeros((), jnp.int32), dtype)
+def _tree_where(condition: Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
 
 
-class Units(NamedTuple):
-    """A gradient and the norms of its units (leaves, or slices of leaves)."""
+ScaleFn = Callable[[Array, _rules.RuleStep, Array], _apply.Factor]
+
+
+def rule_clipper(
+    owner: str,
+    rule: _rules.Rule,
+    scale_fn: ScaleFn,
+    policy: str,
+    where: Mapped,
+    *,
+    p: float = 2.0,
+    initial_threshold: Any = 0.0,
+) -> optax.GradientTransformation:
+    """A global-norm clipper whose threshold comes from ``rule``.
+
+    ``scale_fn(norm, rule_step, step)`` turns the rule's target into the factor.
+    The state is the :class:`~jaxclip.ClipStats` alone for a rule without state
+    (``rule.init`` returns None), else an :class:`AdaptiveClipState`. A step whose
+    gradient is not finite leaves the rule's state as it was.
+    """
+
+    def init_fn(params: Any) -> Any:
+        dtype = stats_dtype(params)
+        extra = {name: jnp.zeros((), dtype) for name in rule.extra_names}
+        stats = initial_stats(dtype, _apply.as_array(initial_threshold, dtype), extra=extra)
+        rule_state = rule.init(dtype)
+        return stats if rule_state is None else AdaptiveClipState(rule_state, stats)
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        rule_state, stats = (None, state) if isinstance(state, ClipStats) else state
+        measured = measure(owner, updates, p, policy, where)
+        step = rule.step(rule_state, measured.norm, stats.step)
+        out = rescale(owner, updates, measured, scale_fn(measured.norm, step, stats.step), policy)
+        keep = measured.finite  # a non-finite step leaves the rule as it was
+        stats = next_stats(
+            stats,
+            norm=measured.norm,
+            threshold=step.boundary,
+            scale=out.scale,
+            clipped=out.clipped,
+            finite=measured.finite,
+            extra=_tree_where(keep, step.extra, stats.extra),
+        )
+        if rule_state is None:
+            return out.updates, stats
+        return out.updates, AdaptiveClipState(_tree_where(keep, step.state, rule_state), stats)
+
+    return transformation(init_fn, update_fn)
+
+
+# -- per-unit norms ----------------------------------------------------------------------
+
+
+class Selected(NamedTuple):
+    """The gradient leaves a per-unit clipper acts on, and how they divide into units."""
 
     paths: list[Any]
     leaves: list[Array]
-    norms: list[Array]  # on the work arrays of _norms.slice_norms
-    finite: list[Array]  # bool, same shapes as norms
-    split: Any  # work-array results -> one per leaf
+    axes: list[_norms.Axes]  # per leaf, the axes of one unit (None: the whole leaf)
+    weights: list[Array] | None = None  # agc: the parameters of those leaves
+
+
+class Units(NamedTuple):
+    """Selected leaves and the norms of their units, per leaf in leaf order."""
+
+    selected: Selected
+    norms: list[Array]  # one per leaf, or a single one for the whole gradient
+    weight_norms: list[Array] | None
     step_finite: Array  # bool[]: every element finite
 
 
 def measure_units(
-    paths: list[Any],
-    leaves: list[Array],
+    owner: str,
+    selected: Selected,
     p: float,
-    axes: list[tuple[int, ...] | None],
     policy: str,
-    *,
-    rescue_tiny: bool = True,
-    where: Mapped = NOT_MAPPED,
-    owner: str = "jaxclip",
+    where: Mapped,
+    whole: bool = False,
+    zero_sums_are_zero: bool = True,
 ) -> Units:
-    """The norm of each unit of ``leaves`` (checked leaves at ``paths``).
-
-    ``axes`` gives, per leaf, the axes to reduce (None for whole leaves).
-    """
-    measured = _norms.slice_norms(
-        leaves,
+    """The norm of each unit of the selected leaves (and of their weights, in the same
+    pass), or with ``whole`` the global norm as the only unit. ``zero_sums_are_zero``:
+    see ``_norms.unit_norms`` (off for a threshold of 0, which must clear such units)."""
+    paths, leaves = selected.paths, selected.leaves
+    if whole:
+        norm, finite = _norms.global_norm_and_finite(
+            leaves,
+            p,
+            sanitize=policy == "zero",
+            axis_name=where.axis_name,
+            replicated=where.flags(owner, paths, leaves),
+        )
+        return Units(selected, [norm], None, finite)
+    arrays, axes = list(leaves), list(selected.axes)
+    flags = where.flags(owner, paths, leaves)
+    if selected.weights is not None:
+        arrays += selected.weights
+        axes += selected.axes
+        flags += where.flags(owner, paths, selected.weights)
+    measured = _norms.unit_norms(
+        arrays,
         p,
         axes,
         sanitize=policy == "zero",
-        rescue_tiny=rescue_tiny,
+        zero_sums_are_zero=zero_sums_are_zero,
         axis_name=where.axis_name,
-        replicated=where.flags(owner, paths, leaves),
+        replicated=flags,
     )
-    step_finite = _norms.all_true(measured.finite)
-    return Units(paths, leaves, measured.norms, measured.finite, measured.split, step_finite)
+    n = len(leaves)
+    finite = [jnp.all(f) for f in measured.finite[:n]]  # each reduced where it lies
+    step_finite = jnp.all(_norms.joined(finite)) if finite else jnp.array(True)
+    weights = measured.norms[n:] if selected.weights is not None else None
+    return Units(selected, measured.norms[:n], weights, step_finite)
 
 
 def rescale_units(
     owner: str, updates: Any, units: Units, scales: list[_apply.Factor], policy: str
 ) -> Any:
-    """Multiplies each unit by its scale (given on the work arrays) under ``policy``."""
+    """Multiplies each leaf by its units' scales (one for all with a single unit)."""
+    paths, leaves = units.selected.paths, units.selected.leaves
     if policy == "error":
-        _apply.raise_if_nonfinite(owner, units.paths, units.leaves, units.step_finite)
-    per_leaf = zip(units.split([s.value for s in scales]), units.split([s.tiny for s in scales]))
+        _apply.raise_if_nonfinite(owner, paths, leaves, units.step_finite)
+    per_leaf = scales if len(scales) == len(leaves) else scales * len(leaves)
     new_leaves = [
-        _apply.apply_policy(x, _apply.Factor(value, tiny), units.step_finite, policy)
-        for x, (value, tiny) in zip(units.leaves, per_leaf)
+        _apply.apply_policy(x, scale, units.step_finite, policy)
+        for x, scale in zip(leaves, per_leaf)
     ]
-    new_updates = _checks.replace_leaves(updates, units.paths, new_leaves)
+    new_updates = _checks.replace_leaves(updates, paths, new_leaves)
     chex.assert_trees_all_equal_shapes_and_dtypes(new_updates, updates)
     return new_updates
 
@@ -234,40 +302,95 @@ class UnitSummary(NamedTuple):
     scale: Array  # post-clip global norm / pre-clip global norm
     clipped: Array  # bool[]: some unit was rescaled
     clipped_fraction: Array  # fraction of units rescaled
-    max_unit_norm: Array
 
 
 def summarize_units(
-    units: Units, scales: list[_apply.Factor], p: float, policy: str
+    units: Units, scales: list[_apply.Factor], p: float, policy: str, dtype: Any
 ) -> UnitSummary:
     """The global view of a per-unit clip, from the unit norms alone (no pass over data)."""
-    dtype = _norms.accumulation_dtype([x.dtype for x in units.leaves])
     norms = [n.astype(dtype) for n in units.norms]
-    finite = list(units.finite)
-    if len(norms) > 1 and all(_norms.is_local(n) for n in norms):
-        # as one vector each: a statistic per work array costs XLA a handful of
-        # kernels each to compile (half the compile time of agc on 1000 leaves)
-        scales = [_apply.Factor(*(_flat(f, norms, dtype) for f in zip(*scales)))]
-        finite = [_flat(finite, norms, jnp.bool_)]
-        norms = [_flat(norms, norms, dtype)]
+    factors = [
+        _apply.Factor(*(jnp.broadcast_to(f, n.shape).astype(dtype) for f in s))
+        for n, s in zip(norms, scales)
+    ]
     before = _norms.combine_norms(norms, p)
-    after = _norms.combine_norms([_apply.multiply(n, s) for n, s in zip(norms, scales)], p)
+    after = _norms.combine_norms([_apply.multiply(n, f) for n, f in zip(norms, factors)], p)
     ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), jnp.ones_like(before))
-    ratio = _apply.reported_scale(ratio, units.step_finite, policy)
     n_units = sum(n.size for n in norms)
-    n_clipped = sum(jnp.sum((s.value != 1) & f) for s, f in zip(scales, finite))
-    largest = _norms.max_of(norms) if n_units else jnp.zeros((), dtype)
+    changed = [jnp.sum((f.value != 1) & jnp.isfinite(n)) for n, f in zip(norms, factors)]
+    # (each count reduced where it lies, then the scalars together)
+    n_clipped = jnp.sum(_norms.joined(changed)) if changed else jnp.zeros((), jnp.int32)
     return UnitSummary(
         norm=before,
-        scale=ratio,
+        scale=_apply.reported_scale(ratio, units.step_finite, policy),
         clipped=units.step_finite & (n_clipped > 0),
         clipped_fraction=jnp.asarray(n_clipped / max(n_units, 1), dtype),
-        max_unit_norm=largest,
     )
 
 
-def _flat(arrays: Any, shapes_of: list[Array], dtype: Any) -> Array:
-    """``arrays``, each broadcast to the shape of its partner in ``shapes_of``, in one vector."""
-    return _norms.ravel_all(
-        [jnp.broadcast_to(a, n.shape).astype(dtype) for a, n in zip(arrays, shapes_of)]
-    )
+def largest(arrays: list[Array], dtype: Any) -> Array:
+    """The largest element of ``arrays`` as a ``dtype`` scalar (0 if there is none)."""
+    values = [jnp.max(a).astype(dtype) for a in arrays if a.size]  # each where it lies
+    return jnp.max(_norms.joined(values)) if values else jnp.zeros((), dtype)
+
+
+class UnitDecision(NamedTuple):
+    """What a per-unit clipper's rule decides at one step."""
+
+    scales: list[_apply.Factor]  # per entry of Units.norms, broadcastable to it
+    threshold: Array  # the threshold to record
+    rule: Any  # the rule's next state (kept only on finite steps)
+    extra: dict[str, Array]  # the rule's statistics (``decide`` sees ``units.step_finite``)
+
+
+def unit_clipper(
+    owner: str,
+    *,
+    select: Callable[[Any, Any], Selected],
+    decide: Callable[[Any, Units, Array], UnitDecision],
+    policy: str,
+    where: Mapped,
+    init_rule: Callable[[Any, Any], Any] = lambda params, dtype: None,
+    pack: Callable[[Any, ClipStats], Any] = lambda rule, stats: stats,
+    unpack: Callable[[Any], tuple[Any, ClipStats]] = lambda state: (None, state),
+    extra_names: tuple[str, ...] = (),
+    initial_threshold: Any = 0.0,
+    p: float = 2.0,
+    whole: bool = False,
+    zero_sums_are_zero: bool = True,
+) -> optax.GradientTransformation:
+    """A clipper that scales each unit of the gradient on its own.
+
+    ``select(updates, params)`` picks the leaves and their units; ``decide(rule,
+    units, step)`` gives each unit's scale. The state is ``pack(rule, stats)``
+    (by default the :class:`~jaxclip.ClipStats` alone). With ``whole`` the
+    gradient is a single unit, measured by its global norm.
+    """
+
+    def init_fn(params: Any) -> Any:
+        dtype = stats_dtype(params)
+        extra = {"clipped_fraction": jnp.zeros((), dtype)}
+        extra |= {name: jnp.zeros((), dtype) for name in extra_names}
+        stats = initial_stats(dtype, _apply.as_array(initial_threshold, dtype), extra=extra)
+        return pack(init_rule(params, dtype), stats)
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        rule, stats = unpack(state)
+        selected = select(updates, params)
+        units = measure_units(owner, selected, p, policy, where, whole, zero_sums_are_zero)
+        decision = decide(rule, units, stats.step)
+        new_updates = rescale_units(owner, updates, units, decision.scales, policy)
+        summary = summarize_units(units, decision.scales, p, policy, stats.norm.dtype)
+        keep = units.step_finite
+        stats = next_stats(
+            stats,
+            norm=summary.norm,
+            threshold=decision.threshold,
+            scale=summary.scale,
+            clipped=summary.clipped,
+            finite=keep,
+            extra={"clipped_fraction": summary.clipped_fraction, **decision.extra},
+        )
+        return new_updates, pack(_tree_where(keep, decision.rule, rule), stats)
+
+    return transformation(init_fn, update_fn)

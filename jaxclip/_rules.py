@@ -1,10 +1,11 @@
 """Adaptive threshold rules: pure functions of a small state and the latest norm.
 
-A rule is ``init(dtype) -> state`` and ``step(state, norm) -> RuleStep``: the
-norm to clip to at this step, the boundary to report (norms above it are
-clipped), the next state and the rule's own statistics. Rules see no
-gradients, so they are tested by feeding them sequences of norms. A transform
-(see ``adaptive.py``) measures the gradient, asks its rule, rescales, and
+A rule is ``init(dtype) -> state`` (None for a rule without state) and
+``step(state, norm, count) -> RuleStep`` (count: the updates seen so far, for
+schedules): the norm to clip to at this step, the boundary to report (norms
+above it are clipped), the next state and the rule's own statistics. Rules see
+no gradients, so they are tested by feeding them sequences of norms.
+``_clip.rule_clipper`` measures the gradient, asks its rule, rescales, and
 keeps the old rule state on non-finite steps.
 
 Each rule follows its paper's reference implementation; departures are noted.
@@ -32,13 +33,27 @@ class RuleStep(NamedTuple):
 
 class Rule(NamedTuple):
     init: Callable[[Any], Any]
-    step: Callable[[Any, Array], RuleStep]
+    step: Callable[[Any, Array, Array], RuleStep]
     extra_names: tuple[str, ...]
 
 
-def as_scalar(value: Any, dtype: Any) -> Array:
-    """A hyperparameter (number, array, possibly traced) as a scalar of ``dtype``."""
-    return jnp.asarray(value).astype(dtype)
+def _sqrt(x: Array) -> Array:
+    """``sqrt(x)`` whose derivative is 0, not inf, at ``x == 0`` (a variance of 0)."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), jnp.zeros_like(x))
+
+
+# -- a constant threshold ---------------------------------------------------------------
+
+
+def constant_rule(max_norm: Any) -> Rule:
+    """A fixed threshold: a number, an array or a schedule of the update count."""
+
+    def step(state: None, norm: Array, count: Array) -> RuleStep:
+        threshold = _apply.as_array(max_norm, norm.dtype, count)
+        return RuleStep(threshold, threshold, state, {})
+
+    return Rule(lambda dtype: None, step, ())
 
 
 # -- AutoClip ---------------------------------------------------------------------------
@@ -57,7 +72,7 @@ def linear_percentile(ordered: Array, valid: Array, percentile: Array) -> Array:
     """
     dtype = ordered.dtype
     n = ordered.shape[0]
-    position = (valid - 1).astype(dtype) * (as_scalar(percentile, dtype) / 100)
+    position = (valid - 1).astype(dtype) * (_apply.as_array(percentile, dtype) / 100)
     below = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, n - 1)
     above = jnp.clip(below + 1, 0, jnp.maximum(valid - 1, 0))
     weight = position - below.astype(dtype)
@@ -92,7 +107,7 @@ def autoclip_rule(percentile: Any, history: int) -> Rule:
             seen=jnp.zeros((), jnp.int32),
         )
 
-    def step(state: AutoClipState, norm: Array) -> RuleStep:
+    def step(state: AutoClipState, norm: Array, _count: Array) -> RuleStep:
         n = norm.astype(state.history.dtype)
         slot = state.seen % history
         evicted = state.history[slot]
@@ -134,12 +149,12 @@ def zclip_rule(
     def init(dtype: Any) -> ZClipState:
         return ZClipState(jnp.zeros((), jnp.int32), jnp.zeros((), dtype), jnp.zeros((), dtype))
 
-    def step(state: ZClipState, norm: Array) -> RuleStep:
+    def step(state: ZClipState, norm: Array, _count: Array) -> RuleStep:
         dtype = state.mean.dtype
         n = norm.astype(dtype)
-        a, zt, cf, e = (as_scalar(v, dtype) for v in (alpha, z_thresh, clip_factor, eps))
+        a, zt, cf, e = (_apply.as_array(v, dtype) for v in (alpha, z_thresh, clip_factor, eps))
         inf = jnp.full((), jnp.inf, dtype)
-        cap = inf if max_norm is None else as_scalar(max_norm, dtype)
+        cap = inf if max_norm is None else _apply.as_array(max_norm, dtype)
         warming = state.seen < jnp.asarray(warmup_steps)
 
         # warmup: running mean and population variance (Welford), clip only to the cap
@@ -148,7 +163,7 @@ def zclip_rule(
         warm_var = state.var + ((n - state.mean) * (n - warm_mean) - state.var) / k
 
         # after warmup: compare with the statistics of the previous step
-        sigma = jnp.sqrt(state.var)
+        sigma = _sqrt(state.var)
         z = (n - state.mean) / (sigma + e)
         if mode == "zscore":
             spike = z > zt
@@ -179,7 +194,7 @@ def zclip_rule(
         )
         extra = {
             "mean": new_state.mean,
-            "std": jnp.sqrt(new_state.var),
+            "std": _sqrt(new_state.var),
             "z": jnp.where(warming, jnp.zeros_like(z), z),
             "spike": spike.astype(dtype),
             "warmup": warming.astype(dtype),
@@ -202,14 +217,14 @@ def quantile_rule(
     """Andrew et al.: move C towards the target quantile of the norm stream."""
 
     def init(dtype: Any) -> QuantileState:
-        return QuantileState(as_scalar(initial_threshold, dtype))
+        return QuantileState(_apply.as_array(initial_threshold, dtype))
 
-    def step(state: QuantileState, norm: Array) -> RuleStep:
+    def step(state: QuantileState, norm: Array, _count: Array) -> RuleStep:
         c = state.threshold
         dtype = c.dtype
         below = (norm.astype(dtype) <= c).astype(dtype)
-        gap = below - as_scalar(target_quantile, dtype)
-        lr = as_scalar(learning_rate, dtype)
+        gap = below - _apply.as_array(target_quantile, dtype)
+        lr = _apply.as_array(learning_rate, dtype)
         if update == "geometric":
             new_c = c * jnp.exp(-lr * gap)
         else:  # arithmetic; kept >= 0
@@ -251,7 +266,7 @@ def adagc_units(
     """
     dtype = gamma.dtype
     n = norm.astype(dtype)
-    lam, b, e = (as_scalar(v, dtype) for v in (lambda_rel, beta, eps))
+    lam, b, e = (_apply.as_array(v, dtype) for v in (lambda_rel, beta, eps))
     # warmup: units measured after the global clip; gamma is their running minimum
     warm_scale = _apply.Factor(*(jnp.broadcast_to(f.astype(dtype), n.shape) for f in warmup_scale))
     after_warmup_clip = _apply.multiply(n, warm_scale)

@@ -13,66 +13,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxclip import _apply, _checks, _clip, _norms, _rules
-from jaxclip._stats import ClipStats, initial_stats, next_stats
+from jaxclip._stats import ClipStats
 
 Array = jax.Array
 
 # the constant PyTorch's clip_grad_norm_ and the references add to the norm
 _TORCH_EPS = 1e-6
-
-
-class AdaptiveClipState(NamedTuple):
-    """State of an adaptive clipper: its rule's state and the statistics."""
-
-    rule: Any  # the rule's NamedTuple of arrays (e.g. ZClipState: count, mean, var)
-    stats: ClipStats
-
-
-def _tree_where(condition: Array, new: Any, old: Any) -> Any:
-    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
-
-
-def _global_rule_clipper(
-    owner: str,
-    rule: _rules.Rule,
-    scale_fn: Callable[[Array, _rules.RuleStep], _apply.Factor],
-    policy: str,
-    where: _clip.Mapped,
-) -> optax.GradientTransformation:
-    """A global-norm clipper whose threshold comes from ``rule``."""
-
-    def init_fn(params: Any) -> AdaptiveClipState:
-        dtype = _clip.stats_dtype(params)
-        extra = {name: jnp.zeros((), dtype) for name in rule.extra_names}
-        return AdaptiveClipState(rule.init(dtype), initial_stats(dtype, extra=extra))
-
-    def update_fn(
-        updates: Any, state: AdaptiveClipState, params: Any = None
-    ) -> tuple[Any, AdaptiveClipState]:
-        del params
-        measured = _clip.measure(owner, updates, 2.0, policy, where)
-        step = rule.step(state.rule, measured.norm)
-        scale = scale_fn(measured.norm, step)
-        out = _clip.rescale(owner, updates, measured, scale, policy)
-        keep = measured.finite  # a non-finite step leaves the rule as it was
-        stats = next_stats(
-            state.stats,
-            norm=measured.norm,
-            threshold=step.boundary,
-            scale=out.scale,
-            clipped=out.clipped,
-            finite=measured.finite,
-            extra=_tree_where(keep, step.extra, state.stats.extra),
-        )
-        return out.updates, AdaptiveClipState(_tree_where(keep, step.state, state.rule), stats)
-
-    return _clip.transformation(init_fn, update_fn)
 
 
 def autoclip(
@@ -107,14 +58,9 @@ def autoclip(
         :func:`~jaxclip.clip_by_global_norm`; such norms never enter the history.
 
       axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
-        of names, over which norms are summed, so that every device clips by the
-        norm of the whole gradient and adaptive states stay identical. Not needed
-        under ``jit`` with sharded arrays, nor for gradients already averaged
-        with ``pmean``.
-      replicated: with ``axis_name``, the leaves that are whole on every device
-        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
-        counted once.
+        ``pmap``, the axes its norms are summed over; see "Clipping across
+        devices" (``docs/guides/distributed.md``). None: not sharded.
+      replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` with state
       :class:`AdaptiveClipState` (``rule``: an ``AutoClipState`` with the norm
@@ -141,11 +87,11 @@ def autoclip(
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
     where = _clip.mapped(owner, axis_name, replicated)
 
-    def scale_fn(norm: Array, step: _rules.RuleStep) -> _apply.Factor:
+    def scale_fn(norm: Array, step: _rules.RuleStep, count: Array) -> _apply.Factor:
         return _apply.scale_for(norm, step.target.astype(norm.dtype), eps=eps)
 
     rule = _rules.autoclip_rule(percentile, history)
-    return _global_rule_clipper(owner, rule, scale_fn, policy, where)
+    return _clip.rule_clipper(owner, rule, scale_fn, policy, where)
 
 
 def zclip(
@@ -195,14 +141,9 @@ def zclip(
         unchanged.
 
       axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
-        of names, over which norms are summed, so that every device clips by the
-        norm of the whole gradient and adaptive states stay identical. Not needed
-        under ``jit`` with sharded arrays, nor for gradients already averaged
-        with ``pmean``.
-      replicated: with ``axis_name``, the leaves that are whole on every device
-        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
-        counted once.
+        ``pmap``, the axes its norms are summed over; see "Clipping across
+        devices" (``docs/guides/distributed.md``). None: not sharded.
+      replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` with state
       :class:`AdaptiveClipState` (``rule``: a ``ZClipState`` with seen, mean
@@ -254,7 +195,7 @@ def zclip(
         eps,
     )
 
-    def scale_fn(norm: Array, step: _rules.RuleStep) -> _apply.Factor:
+    def scale_fn(norm: Array, step: _rules.RuleStep, count: Array) -> _apply.Factor:
         target = step.target.astype(norm.dtype)
         # the reference clips with torch's clip_grad_norm_ during warmup, then
         # scales by target / (n + 1e-6) only when n > target
@@ -262,7 +203,7 @@ def zclip(
         adaptive = _apply.scale_for(norm, target, eps=_TORCH_EPS, eps_in_condition=False)
         return _apply.select(step.extra["warmup"] > 0, warmup, adaptive)
 
-    return _global_rule_clipper(owner, rule, scale_fn, policy, where)
+    return _clip.rule_clipper(owner, rule, scale_fn, policy, where)
 
 
 def quantile_clip(
@@ -298,14 +239,9 @@ def quantile_clip(
         :func:`~jaxclip.clip_by_global_norm`; such steps leave C unchanged.
 
       axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
-        of names, over which norms are summed, so that every device clips by the
-        norm of the whole gradient and adaptive states stay identical. Not needed
-        under ``jit`` with sharded arrays, nor for gradients already averaged
-        with ``pmean``.
-      replicated: with ``axis_name``, the leaves that are whole on every device
-        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
-        counted once.
+        ``pmap``, the axes its norms are summed over; see "Clipping across
+        devices" (``docs/guides/distributed.md``). None: not sharded.
+      replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` with state
       :class:`AdaptiveClipState` (``rule``: a ``QuantileState`` holding C).
@@ -332,10 +268,10 @@ def quantile_clip(
     where = _clip.mapped(owner, axis_name, replicated)
     rule = _rules.quantile_rule(target_quantile, learning_rate, initial_threshold, update_kind)
 
-    def scale_fn(norm: Array, step: _rules.RuleStep) -> _apply.Factor:
+    def scale_fn(norm: Array, step: _rules.RuleStep, count: Array) -> _apply.Factor:
         return _apply.scale_for(norm, step.target.astype(norm.dtype))
 
-    return _global_rule_clipper(owner, rule, scale_fn, policy, where)
+    return _clip.rule_clipper(owner, rule, scale_fn, policy, where)
 
 
 class AdaGCState(NamedTuple):
@@ -365,9 +301,9 @@ def _unit_axes(
     return out
 
 
-def _count_units(leaves: list[Array], axes: list[tuple[int, ...] | None]) -> int:
+def _count_units(selected: _clip.Selected) -> int:
     total = 0
-    for x, a in zip(leaves, axes):
+    for x, a in zip(selected.leaves, selected.axes):
         total += 1 if a is None else x.size // max(1, _prod(x.shape[d] for d in a))
     return total
 
@@ -420,14 +356,9 @@ def adagc(
         :func:`~jaxclip.clip_by_global_norm`; such steps leave gamma unchanged.
 
       axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
-        of names, over which norms are summed, so that every device clips by the
-        norm of the whole gradient and adaptive states stay identical. Not needed
-        under ``jit`` with sharded arrays, nor for gradients already averaged
-        with ``pmean``.
-      replicated: with ``axis_name``, the leaves that are whole on every device
-        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
-        counted once.
+        ``pmap``, the axes its norms are summed over; see "Clipping across
+        devices" (``docs/guides/distributed.md``). None: not sharded.
+      replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` with state :class:`AdaGCState`; it
       needs the parameters (or the gradient's shapes) at ``init``. ``stats``
@@ -466,94 +397,65 @@ def adagc(
         raise ValueError(f"{owner}: layer_axis applies to scope='leaf' only.")
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
     where = _clip.mapped(owner, axis_name, replicated)
-    extra_names = ("clipped_fraction", "gamma_min", "gamma_max", "warmup")
 
-    def units_of(tree: Any, what: str) -> tuple[list[Any], list[Array], list[Any]]:
+    def units_of(tree: Any, what: str) -> _clip.Selected:
         flat = _checks.float_leaves(tree, owner, what)
         paths, leaves = [p for p, _ in flat], [x for _, x in flat]
-        return paths, leaves, _unit_axes(owner, paths, leaves, layer_axis)
+        return _clip.Selected(paths, leaves, _unit_axes(owner, paths, leaves, layer_axis))
 
-    def init_fn(params: Any) -> AdaGCState:
-        dtype = _clip.stats_dtype(params)
-        if scope == "global":
-            n_units = 1
-        else:
-            _, leaves, axes = units_of(params, "params")
-            n_units = _count_units(leaves, axes)
-        extra = {name: jnp.zeros((), dtype) for name in extra_names}
-        return AdaGCState(
-            gamma=jnp.zeros((n_units,), dtype),
-            seen=jnp.zeros((), jnp.int32),
-            stats=initial_stats(dtype, warmup_max_norm, extra=extra),
+    def init_rule(params: Any, dtype: Any) -> tuple[Array, Array]:
+        n_units = 1 if scope == "global" else _count_units(units_of(params, "params"))
+        return jnp.zeros((n_units,), dtype), jnp.zeros((), jnp.int32)
+
+    def decide(rule: tuple[Array, Array], units: _clip.Units, count: Array) -> _clip.UnitDecision:
+        gamma, seen = rule
+        dtype = gamma.dtype
+        sizes = [n.size for n in units.norms]
+        if sum(sizes) != gamma.shape[0]:
+            raise ValueError(
+                f"{owner}: the gradient has {sum(sizes)} units but the state was built "
+                f"for {gamma.shape[0]}; call init with parameters of the gradient's "
+                "structure and shapes (and the same layer_axis)."
+            )
+        warming = seen < jnp.asarray(warmup_steps)
+        limit = _apply.as_array(warmup_max_norm, dtype)
+        norms = [n.astype(dtype) for n in units.norms]
+        flat = _norms.joined(norms) if norms else jnp.zeros((0,), dtype)
+        norm = _norms.combine_norms(norms, 2.0)
+        warmup_scale = _apply.scale_for(norm, limit, eps=eps)
+        step = _rules.adagc_units(
+            flat, gamma, warming, seen == 0, warmup_scale, lambda_rel, beta, eps
         )
-
-    def update_fn(updates: Any, state: AdaGCState, params: Any = None) -> tuple[Any, AdaGCState]:
-        del params
-        dtype = state.gamma.dtype
-        warming = state.seen < jnp.asarray(warmup_steps)
-        first = state.seen == 0
-        limit = _rules.as_scalar(warmup_max_norm, dtype)
-
-        if scope == "global":
-            measured = _clip.measure(owner, updates, 2.0, policy, where)
-            norm = measured.norm
-            warmup_scale = _apply.scale_for(norm, limit.astype(norm.dtype), eps=eps)
-            step = _rules.adagc_units(
-                norm[None], state.gamma, warming, first, warmup_scale, lambda_rel, beta, eps
-            )
-            value = jnp.where(jnp.isnan(norm), jnp.nan, step.scale.value[0])
-            scale = _apply.Factor(value.astype(norm.dtype), step.scale.tiny[0].astype(norm.dtype))
-            out = _clip.rescale(owner, updates, measured, scale, policy)
-            finite, new_scale, clipped = measured.finite, out.scale, out.clipped
-            new_updates, clipped_fraction = out.updates, clipped.astype(dtype)
-        else:
-            paths, leaves, axes = units_of(updates, "updates")
-            units = _clip.measure_units(paths, leaves, 2.0, axes, policy, where=where, owner=owner)
-            sizes = [n.size for n in units.norms]
-            if sum(sizes) != state.gamma.shape[0]:
-                raise ValueError(
-                    f"{owner}: the gradient has {sum(sizes)} units but the state was built "
-                    f"for {state.gamma.shape[0]}; call init with parameters of the gradient's "
-                    "structure and shapes (and the same layer_axis)."
-                )
-            norm = _norms.combine_norms(units.norms, 2.0)
-            warmup_scale = _apply.scale_for(norm, limit.astype(norm.dtype), eps=eps)
-            flat = _norms.ravel_all(units.norms) if sizes else jnp.zeros((0,), norm.dtype)
-            step = _rules.adagc_units(
-                flat, state.gamma, warming, first, warmup_scale, lambda_rel, beta, eps
-            )
-            unit_scale = (jnp.where(jnp.isnan(flat), jnp.nan, step.scale.value), step.scale.tiny)
-            scales, start = [], 0
-            for n in units.norms:
-                part = slice(start, start + n.size)
-                factors = (f[part].reshape(n.shape).astype(n.dtype) for f in unit_scale)
-                scales.append(_apply.Factor(*factors))
-                start += n.size
-            new_updates = _clip.rescale_units(owner, updates, units, scales, policy)
-            summary = _clip.summarize_units(units, scales, 2.0, policy)
-            finite, new_scale, clipped = units.step_finite, summary.scale, summary.clipped
-            clipped_fraction = summary.clipped_fraction
-
-        chex.assert_equal_shape([step.gamma, state.gamma])
-        gamma = jnp.where(finite, step.gamma, state.gamma)
-        limits = _rules.as_scalar(lambda_rel, dtype) * state.gamma
-        threshold = jnp.where(warming, limit, jnp.sqrt(jnp.sum(limits * limits)))
+        # held apart: each leaf's slice of them would otherwise recompute them all
+        value, tiny = jax.lax.optimization_barrier(
+            (jnp.where(jnp.isnan(flat), jnp.nan, step.scale.value), step.scale.tiny)
+        )
+        scales, start = [], 0
+        for n in units.norms:
+            part = slice(start, start + n.size)
+            factors = (f[part].reshape(n.shape).astype(n.dtype) for f in (value, tiny))
+            scales.append(_apply.Factor(*factors))
+            start += n.size
+        new_gamma = jnp.where(units.step_finite, step.gamma, gamma)
+        limits = _apply.as_array(lambda_rel, dtype) * gamma
         extra = {
-            "clipped_fraction": clipped_fraction,
-            "gamma_min": jnp.min(gamma) if gamma.size else jnp.zeros((), dtype),
-            "gamma_max": jnp.max(gamma) if gamma.size else jnp.zeros((), dtype),
+            "gamma_min": jnp.min(new_gamma) if new_gamma.size else jnp.zeros((), dtype),
+            "gamma_max": jnp.max(new_gamma) if new_gamma.size else jnp.zeros((), dtype),
             "warmup": warming.astype(dtype),
         }
-        stats = next_stats(
-            state.stats,
-            norm=norm,
-            threshold=threshold,
-            scale=new_scale,
-            clipped=clipped,
-            finite=finite,
-            extra=extra,
-        )
-        count = state.seen + finite.astype(jnp.int32)
-        return new_updates, AdaGCState(gamma, count, stats)
+        threshold = jnp.where(warming, limit, jnp.sqrt(jnp.sum(limits * limits)))
+        return _clip.UnitDecision(scales, threshold, (step.gamma, seen + 1), extra)
 
-    return _clip.transformation(init_fn, update_fn)
+    return _clip.unit_clipper(
+        owner,
+        select=lambda updates, params: units_of(updates, "updates"),
+        decide=decide,
+        policy=policy,
+        where=where,
+        init_rule=init_rule,
+        pack=lambda rule, stats: AdaGCState(*rule, stats),
+        unpack=lambda state: ((state.gamma, state.seen), state.stats),
+        extra_names=("gamma_min", "gamma_max", "warmup"),
+        initial_threshold=warmup_max_norm,
+        whole=scope == "global",
+    )

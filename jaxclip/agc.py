@@ -11,25 +11,26 @@ import jax.numpy as jnp
 import optax
 
 from jaxclip import _apply, _checks, _clip, _norms
-from jaxclip._stats import ClipStats, initial_stats, next_stats
 
 Array = jax.Array
 
 Exclude = Callable[[str, Array], bool] | str | Sequence[str] | Any
 
 
-def default_unit_axes(ndim: int) -> tuple[int, ...] | None:
-    """The axes of one unit in JAX layouts: Dense (in, out) -> (0,), conv HWIO -> (0, 1, 2).
+def default_unit_axes(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The axes of one unit, as ``optax.adaptive_grad_clip`` and the NFNets code take them.
 
-    Scalars and vectors are one unit (None); rank 5 (3-D conv) -> (0, 1, 2, 3).
-    These are the conventions of ``optax.adaptive_grad_clip``.
+    A leaf that squeezes to a scalar or a vector (``(6,)``, ``(1, 6)``,
+    ``(1, 1, 1, 8)``) is one unit (None); rank 2 (Dense ``(in, out)``) and rank 3
+    (multi-head ``(features, heads, head_dim)``) reduce axis 0, one unit per
+    output; rank 4 (conv HWIO) reduces ``(0, 1, 2)``, one unit per output
+    channel; higher ranks (3-D conv) all but the last axis, where Optax refuses.
     """
-    if ndim <= 1:
+    ndim = len(shape)
+    if sum(n != 1 for n in shape) <= 1:
         return None
-    if ndim == 2:
+    if ndim in (2, 3):
         return (0,)
-    if ndim in (3, 4):
-        return (0, 1, 2)
     return tuple(range(ndim - 1))
 
 
@@ -89,14 +90,9 @@ def agc(
         :func:`~jaxclip.clip_by_global_norm`.
 
       axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
-        of names, over which norms are summed, so that every device clips by the
-        norm of the whole gradient and adaptive states stay identical. Not needed
-        under ``jit`` with sharded arrays, nor for gradients already averaged
-        with ``pmean``.
-      replicated: with ``axis_name``, the leaves that are whole on every device
-        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
-        counted once.
+        ``pmap``, the axes its norms are summed over; see "Clipping across
+        devices" (``docs/guides/distributed.md``). None: not sharded.
+      replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` that needs ``params`` in ``update``.
       Its :class:`~jaxclip.ClipStats` has the global norm of the clipped leaves,
@@ -126,12 +122,7 @@ def agc(
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
     where = _clip.mapped(owner, axis_name, replicated)
 
-    def init_fn(params: Any) -> ClipStats:
-        dtype = _clip.stats_dtype(params)
-        extra = {"clipped_fraction": jnp.zeros((), dtype), "max_ratio": jnp.zeros((), dtype)}
-        return initial_stats(dtype, clipping, extra=extra)
-
-    def update_fn(updates: Any, state: ClipStats, params: Any = None) -> tuple[Any, ClipStats]:
+    def select(updates: Any, params: Any) -> _clip.Selected:
         if params is None:
             raise ValueError(
                 f"{owner} scales gradients relative to the weights: call "
@@ -152,46 +143,32 @@ def agc(
                 leaves.append(g)
                 weights.append(w)
         if axis_t is None:
-            axes = [default_unit_axes(g.ndim) for g in leaves]
+            axes = [default_unit_axes(g.shape) for g in leaves]
         else:
-            axes = _norms.normalize_axes(owner, paths, leaves, axis_t)
+            axes = _checks.normalize_axes(owner, paths, leaves, axis_t)
+        return _clip.Selected(paths, leaves, axes, weights)
 
-        # the decision cannot depend on norms below ~1e-19: the limit is >= clipping * eps
-        units = _clip.measure_units(
-            paths, leaves, 2.0, axes, policy, rescue_tiny=False, where=where, owner=owner
-        )
-        w_norms = _norms.slice_norms(
-            weights,
-            2.0,
-            axes,
-            rescue_tiny=False,
-            axis_name=where.axis_name,
-            replicated=where.flags(owner, paths, weights),
-        ).norms
-        dtype = state.norm.dtype
+    def decide(rule: None, units: _clip.Units, count: Array) -> _clip.UnitDecision:
+        del count
+        assert units.weight_norms is not None
+        dtype = _norms.accumulation_dtype([n.dtype for n in units.norms])
         scales, ratios = [], []
-        for g_norm, w_norm in zip(units.norms, w_norms):
+        for g_norm, w_norm in zip(units.norms, units.weight_norms):
             w_star = jnp.maximum(w_norm.astype(g_norm.dtype), jnp.asarray(eps, g_norm.dtype))
             limit = jnp.asarray(clipping, g_norm.dtype) * w_star
-            # where(g_norm < limit, 1, limit / d) written as one division (d / d == 1):
-            # XLA then computes the scales once instead of inside every rescaled element
+            # as optax.adaptive_grad_clip: the norm held at 1e-6 in the division
             d = jnp.maximum(g_norm, 1e-6)
-            scales.append(_apply.as_factor(jnp.where(g_norm < limit, d, limit) / d, limit, d))
-            ratios.append((g_norm / w_star).astype(dtype))
-        new_updates = _clip.rescale_units(owner, updates, units, scales, policy)
-        summary = _clip.summarize_units(units, scales, 2.0, policy)
-        stats = next_stats(
-            state,
-            norm=summary.norm,
-            threshold=clipping,
-            scale=summary.scale,
-            clipped=summary.clipped,
-            finite=units.step_finite,
-            extra={
-                "clipped_fraction": summary.clipped_fraction,
-                "max_ratio": _norms.max_of(ratios) if ratios else jnp.zeros((), dtype),
-            },
-        )
-        return new_updates, stats
+            scales.append(_apply.as_factor(jnp.where(g_norm < limit, 1, limit / d), limit, d))
+            ratios.append(g_norm / w_star)
+        extra = {"max_ratio": _clip.largest(ratios, dtype)}
+        return _clip.UnitDecision(scales, _apply.as_array(clipping, dtype), rule, extra)
 
-    return _clip.transformation(init_fn, update_fn)
+    return _clip.unit_clipper(
+        owner,
+        select=select,
+        decide=decide,
+        policy=policy,
+        where=where,
+        extra_names=("max_ratio",),
+        initial_threshold=clipping,
+    )

@@ -105,17 +105,17 @@ def diagnose(grads: Any) -> GradReport:
     """
     flat = _checks.float_leaves(grads, "jaxclip.diagnose", "grads")
     paths, leaves = [p for p, _ in flat], [x for _, x in flat]
-    per_leaf = _norms.slice_norms(leaves, 2.0, [None] * len(leaves))
-    norms = [n.astype(jnp.float32) for n in per_leaf.split(per_leaf.norms)]
-    nan_count = _norms.per_leaf_count(leaves, jnp.isnan)
-    inf_count = _norms.per_leaf_count(leaves, jnp.isinf)
+    per_leaf = _norms.unit_norms(leaves, 2.0, [None] * len(leaves))
+    norms = [n.astype(jnp.float32) for n in per_leaf.norms]
+    nan_count = [jnp.sum(jnp.isnan(x), dtype=jnp.int32) for x in leaves]
+    inf_count = [jnp.sum(jnp.isinf(x), dtype=jnp.int32) for x in leaves]
     if norms:
         stacked = jnp.stack(norms)
         median = jnp.nanmedian(jnp.where(jnp.isfinite(stacked), stacked, jnp.nan))
         median = jnp.where(jnp.isnan(median), 0.0, median)
     else:
         median = jnp.zeros((), jnp.float32)
-    global_norm = _norms.combine_norms(norms, 2.0) if norms else jnp.zeros((), jnp.float32)
+    global_norm = _norms.combine_norms(norms, 2.0).astype(jnp.float32)
     return GradReport(
         global_norm=global_norm,
         leaf_norms=_checks.replace_leaves(grads, paths, norms),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import chex
 import jax
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxclip import _apply, _checks, _clip, _norms
+from jaxclip import _apply, _checks, _clip, _norms, _rules
 from jaxclip._stats import ClipStats, initial_stats, next_stats
 
 Array = jax.Array
@@ -40,6 +40,7 @@ def clip_by_global_norm(
     Args:
       max_norm: the threshold, >= 0: a number, a scalar array (e.g. injected
         with ``optax.inject_hyperparams``) or a schedule ``step -> threshold``.
+        ``inf`` never clips and still records the norm, as in PyTorch and Optax.
       ord: the norm: None or 2 (L2, default), 1, ``inf`` or any real p >= 1.
       eps: 0 (default) gives ``max_norm / ||g||``. ``eps > 0`` gives PyTorch's
         ``clip_grad_norm_``: ``min(1, max_norm / (||g|| + eps))``, computed as
@@ -55,28 +56,26 @@ def clip_by_global_norm(
         broken for ``optax.apply_if_finite`` or a loss check downstream, and is
         counted in the statistics. ``"skip"`` returns zero updates for the step;
         ``"zero"`` sets the non-finite elements to zero and clips the rest;
-        ``"error"`` raises ``FloatingPointError`` naming the leaves, also from a
-        jitted step (one extra pass over the gradient, on failing steps only).
+        ``"error"`` raises an error naming the leaves: ``FloatingPointError``
+        when run eagerly; from a jitted step (one extra pass over the gradient,
+        on failing steps only) JAX reports it as ``jax.errors.JaxRuntimeError``
+        carrying the same message, when the step's result is used.
         The default leaves the policy to the user instead of hiding a broken
         step; note that ``"skip"`` still lets a following optimizer advance
         (e.g. AdamW's weight decay and moments).
 
       axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
-        of names, over which norms are summed, so that every device clips by the
-        norm of the whole gradient and adaptive states stay identical. Not needed
-        under ``jit`` with sharded arrays, nor for gradients already averaged
-        with ``pmean``.
-      replicated: with ``axis_name``, the leaves that are whole on every device
-        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
-        counted once.
+        ``pmap``, the axes its norms are summed over; see "Clipping across
+        devices" (``docs/guides/distributed.md``). None: not sharded.
+      replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` whose state is a
       :class:`~jaxclip.ClipStats` (pre-clip norm, threshold, scale, ...).
 
     Raises:
-      ValueError: at construction, for a negative, NaN or infinite threshold,
-        ``min_norm > max_norm``, a negative ``eps``, an unknown ``ord`` or policy.
+      ValueError: at construction, for a negative or NaN threshold, an infinite
+        ``min_norm``, ``min_norm > max_norm``, a negative ``eps``, an unknown ``ord``
+        or policy.
       TypeError: at trace time, for a non-floating leaf (naming its path).
 
     Example:
@@ -96,37 +95,19 @@ def clip_by_global_norm(
     p = _checks.check_order(owner, ord)
     _checks.check_scalar(owner, "eps", eps, minimum=0.0)
     if min_norm is not None:
-        _checks.check_threshold(owner, "min_norm", min_norm)
+        _checks.check_threshold(owner, "min_norm", min_norm, allow_inf=False)
         lo, hi = _checks.concrete_value(min_norm), _checks.concrete_value(max_norm)
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"{owner}: min_norm ({lo}) must be <= max_norm ({hi}).")
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
     where = _clip.mapped(owner, axis_name, replicated)
 
-    def init_fn(params: Any) -> ClipStats:
-        dtype = _clip.stats_dtype(params)
-        return initial_stats(dtype, _clip.initial_threshold(max_norm, dtype))
+    def scale_fn(norm: Array, step: _rules.RuleStep, count: Array) -> _apply.Factor:
+        lower = None if min_norm is None else _apply.as_array(min_norm, norm.dtype, count)
+        return _apply.scale_for(norm, step.target.astype(norm.dtype), eps=eps, min_norm=lower)
 
-    def update_fn(updates: Any, state: ClipStats, params: Any = None) -> tuple[Any, ClipStats]:
-        del params
-        measured = _clip.measure(owner, updates, p, policy, where)
-        threshold = _apply.as_threshold(max_norm, state.step, measured.norm.dtype)
-        lower = None
-        if min_norm is not None:
-            lower = _apply.as_threshold(min_norm, state.step, measured.norm.dtype)
-        scale = _apply.scale_for(measured.norm, threshold, eps=eps, min_norm=lower)
-        out = _clip.rescale(owner, updates, measured, scale, policy)
-        stats = next_stats(
-            state,
-            norm=measured.norm,
-            threshold=threshold,
-            scale=out.scale,
-            clipped=out.clipped,
-            finite=measured.finite,
-        )
-        return out.updates, stats
-
-    return _clip.transformation(init_fn, update_fn)
+    rule = _rules.constant_rule(max_norm)
+    return _clip.rule_clipper(owner, rule, scale_fn, policy, where, p=p, initial_threshold=max_norm)
 
 
 def clip_by_norm(
@@ -146,7 +127,9 @@ def clip_by_norm(
     ``(in, out)`` clips each output unit's column.
 
     Args:
-      max_norm: the threshold, >= 0: a number, a scalar array or a schedule.
+      max_norm: the threshold, >= 0: a number, a scalar array or a schedule;
+        ``inf`` never clips. Unlike Keras's ``clipnorm=0`` ("no clipping"), 0
+        clips every unit to zero.
       ord: None or 2 (L2, default), 1, ``inf`` or any real p >= 1.
       axis: None (one norm per leaf) or the axes to reduce; negative axes count
         from the end. Every leaf must have them.
@@ -157,14 +140,9 @@ def clip_by_norm(
         the leaves. See :func:`clip_by_global_norm`.
 
       axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap`` (each device holding a disjoint piece): the axis name, or a tuple
-        of names, over which norms are summed, so that every device clips by the
-        norm of the whole gradient and adaptive states stay identical. Not needed
-        under ``jit`` with sharded arrays, nor for gradients already averaged
-        with ``pmean``.
-      replicated: with ``axis_name``, the leaves that are whole on every device
-        (a function ``(path, leaf) -> bool`` or a pytree of booleans); they are
-        counted once.
+        ``pmap``, the axes its norms are summed over; see "Clipping across
+        devices" (``docs/guides/distributed.md``). None: not sharded.
+      replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation``. Its :class:`~jaxclip.ClipStats`
       holds the global pre-clip norm, ``scale`` = global norm after / before,
@@ -189,39 +167,31 @@ def clip_by_norm(
     policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
     where = _clip.mapped(owner, axis_name, replicated)
 
-    def init_fn(params: Any) -> ClipStats:
-        dtype = _clip.stats_dtype(params)
-        return initial_stats(
-            dtype,
-            _clip.initial_threshold(max_norm, dtype),
-            extra={"clipped_fraction": jnp.zeros((), dtype), "max_unit_norm": jnp.zeros((), dtype)},
-        )
-
-    def update_fn(updates: Any, state: ClipStats, params: Any = None) -> tuple[Any, ClipStats]:
+    def select(updates: Any, params: Any) -> _clip.Selected:
         del params
         flat = _checks.float_leaves(updates, owner)
         paths, leaves = [q for q, _ in flat], [x for _, x in flat]
-        axes = _norms.normalize_axes(owner, paths, leaves, axis_t)
-        units = _clip.measure_units(paths, leaves, p, axes, policy, where=where, owner=owner)
-        threshold = _apply.as_threshold(max_norm, state.step, state.norm.dtype)
-        scales = [_apply.scale_for(n, threshold.astype(n.dtype)) for n in units.norms]
-        new_updates = _clip.rescale_units(owner, updates, units, scales, policy)
-        summary = _clip.summarize_units(units, scales, p, policy)
-        stats = next_stats(
-            state,
-            norm=summary.norm,
-            threshold=threshold,
-            scale=summary.scale,
-            clipped=summary.clipped,
-            finite=units.step_finite,
-            extra={
-                "clipped_fraction": summary.clipped_fraction,
-                "max_unit_norm": summary.max_unit_norm,
-            },
-        )
-        return new_updates, stats
+        return _clip.Selected(paths, leaves, _checks.normalize_axes(owner, paths, leaves, axis_t))
 
-    return _clip.transformation(init_fn, update_fn)
+    def decide(rule: None, units: _clip.Units, count: Array) -> _clip.UnitDecision:
+        dtype = _norms.accumulation_dtype([n.dtype for n in units.norms])
+        threshold = _apply.as_array(max_norm, dtype, count)
+        scales = [_apply.scale_for(n, threshold.astype(n.dtype)) for n in units.norms]
+        extra = {"max_unit_norm": _clip.largest(units.norms, dtype)}
+        return _clip.UnitDecision(scales, threshold, rule, extra)
+
+    return _clip.unit_clipper(
+        owner,
+        select=select,
+        decide=decide,
+        policy=policy,
+        where=where,
+        extra_names=("max_unit_norm",),
+        initial_threshold=max_norm,
+        p=p,
+        # a unit of elements too small to square still has a norm that 0 clips
+        zero_sums_are_zero=_checks.concrete_value(max_norm) != 0,
+    )
 
 
 def _reduce(fn: Callable[..., Array], arrays: list[Array], dtype: Any, empty: float) -> Array:
@@ -252,11 +222,9 @@ def clip_by_value(
         ``-max_value``, which then must be >= 0.
       statistics: ``"full"`` (default) records the norms before and after
         clipping and the fraction of elements clipped; ``"light"`` records the
-        norm before clipping and the largest element magnitude instead. Besides
-        the clip, ``"full"`` reads the gradient twice (the pre-clip norm; the
-        post-clip norm and the count), ``"light"`` with scalar bounds once (the
-        norm and each leaf's extremes come from one pass; with per-element
-        bounds up to three times), so ``"light"`` is the faster of the two.
+        norm before clipping and the largest element magnitude instead. Both
+        read the gradient and the clipped gradient once more each, besides the
+        clip.
       axis_name: for a gradient sharded over mapped axes (``shard_map``,
         ``pmap``): the axes over which the statistics' norms and counts are
         summed. The clip itself is element-wise and needs no exchange.
@@ -316,32 +284,39 @@ def clip_by_value(
         los = [lo.astype(x.dtype) for lo, x in zip(los, leaves)]
         his = [hi.astype(x.dtype) for hi, x in zip(his, leaves)]
 
-        def clip(xs: Sequence[Array]) -> list[Array]:
-            # xs: the leaves, or the leaves widened (exact: the bounds are rounded)
-            return [
-                jnp.clip(x, lo.astype(x.dtype), hi.astype(x.dtype))
-                for x, lo, hi in zip(xs, los, his)
-            ]
-
-        clipped_leaves = clip(leaves)
+        clipped_leaves = [jnp.clip(x, lo, hi) for x, lo, hi in zip(leaves, los, his)]
         new_updates = _checks.replace_leaves(updates, paths, clipped_leaves)
         chex.assert_trees_all_equal_shapes_and_dtypes(new_updates, updates)
 
         flags = where.flags(owner, paths, leaves)
-        if mode == "full":
-            before, finite = _norms.global_norm_and_finite(
-                leaves, 2.0, axis_name=where.axis_name, replicated=flags
+
+        def norm_of(xs: list[Array]) -> tuple[Array, Array]:
+            return _norms.global_norm_and_finite(
+                xs, 2.0, axis_name=where.axis_name, replicated=flags
             )
-            clipped, scale, extra = _full_value_stats(leaves, clip, before, flags, where)
+
+        before, finite = norm_of(leaves)
+        # NaN elements stay NaN and do not count as clipped
+        changed = [
+            jnp.sum((c != x) & ~jnp.isnan(x), dtype=jnp.int32)
+            for c, x in zip(clipped_leaves, leaves)
+        ]
+        n_changed = _total(where, flags, changed)
+        if mode == "full":
+            size = _total(where, flags, [jnp.asarray(x.size, jnp.int32) for x in leaves])
+            top, top_after = before, norm_of(clipped_leaves)[0]
+            extra = n_changed / jnp.maximum(size, 1)
         else:
-            bounds = _Bounds(los, his, symmetric=min_value is None)
-            before, finite, clipped, scale, extra = _light_value_stats(leaves, bounds, flags, where)
+            top = _largest(where, flags, leaves, before.dtype)
+            top_after = _largest(where, flags, clipped_leaves, before.dtype)
+            extra = top
+        scale = jnp.where(top > 0, top_after / jnp.where(top > 0, top, 1), 1)
         stats = next_stats(
             state,
             norm=before,
             threshold=_largest_bound(max_value, min_value, before.dtype),
             scale=scale,
-            clipped=clipped,
+            clipped=n_changed > 0,
             finite=finite,
             extra={extra_name: extra},
         )
@@ -350,81 +325,19 @@ def clip_by_value(
     return _clip.transformation(init_fn, update_fn)
 
 
-class _Bounds(NamedTuple):
-    """Per leaf, the lower and upper bounds of :func:`clip_by_value`."""
-
-    los: list[Array]
-    his: list[Array]
-    symmetric: bool  # los are -his
-
-
-def _full_value_stats(
-    leaves: list[Array],
-    clip: Callable[[Sequence[Array]], list[Array]],
-    before: Array,
-    flags: list[bool],
-    where: _clip.Mapped,
-) -> tuple[Array, Array, Array]:
-    """Whether any element was clipped, post/pre-clip norm ratio, fraction clipped."""
-    across = _norms.Across(where.axis_name)
-    after, n_changed = _norms.norm_and_changes(
-        leaves, clip, axis_name=where.axis_name, replicated=flags
-    )
-    size = sum(
-        across.sum(jnp.asarray(sum(x.size for x, r in zip(leaves, flags) if r == flag)), flag)
-        for flag in (False, True)
-    )
-    scale = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
-    return jnp.asarray(n_changed > 0), scale, n_changed / jnp.maximum(size, 1)
+def _total(where: _clip.Mapped, flags: list[bool], counts: list[Array]) -> Array:
+    """The sum of per-leaf int32 counts over the whole gradient (across mapped axes)."""
+    if where.axis_name is not None:
+        counts = [c if r else jax.lax.psum(c, where.axis_name) for c, r in zip(counts, flags)]
+    return jnp.sum(_norms.joined(counts)) if counts else jnp.zeros((), jnp.int32)
 
 
-def _light_value_stats(
-    leaves: list[Array], bounds: _Bounds, flags: list[bool], where: _clip.Mapped
-) -> tuple[Array, Array, Array, Array, Array]:
-    """The pre-clip norm, whether it is finite, whether any element was clipped, the
-    post/pre-clip largest-magnitude ratio and that largest magnitude. With scalar
-    bounds everything comes from one pass over the leaves (their extremes)."""
-    kept = [i for i, x in enumerate(leaves) if x.size > 0]
-    acc = _norms.accumulation_dtype([x.dtype for x in leaves])
-    if not kept:
-        zero = jnp.zeros((), acc)
-        return zero, jnp.array(True), jnp.array(False), jnp.ones((), acc), zero
-    leaves = [leaves[i] for i in kept]
-    los = [bounds.los[i].astype(acc) for i in kept]
-    his = [bounds.his[i].astype(acc) for i in kept]
-    flags = [flags[i] for i in kept]
-    if all(h.ndim == 0 for h in his + los):
-        # The clip is monotone: a leaf's clipped values span [clip(min), clip(max)].
-        measured = _norms.norm_and_extremes(
-            leaves, magnitude=bounds.symmetric, axis_name=where.axis_name, replicated=flags
-        )
-        norm, finite = measured.norm, measured.finite
-        # one vector each: thousands of scalar expressions would be fused into
-        # one kernel that compiles in time growing with the square of its length
-        top, bottom = _norms.ravel_all(measured.tops), _norms.ravel_all(measured.bottoms)
-        lo, hi = jnp.stack(los), jnp.stack(his)
-        outside = [jnp.any((top > hi) | (bottom < lo))]
-        largest = [jnp.max(jnp.maximum(jnp.abs(top), jnp.abs(bottom)))]
-        top, bottom = jnp.clip(top, lo, hi), jnp.clip(bottom, lo, hi)
-        largest_after = [jnp.max(jnp.maximum(jnp.abs(top), jnp.abs(bottom)))]
-    else:  # bounds that vary within a leaf: look at every element
-        norm, finite = _norms.global_norm_and_finite(
-            leaves, 2.0, axis_name=where.axis_name, replicated=flags
-        )
-        across = _norms.Across(where.axis_name)
-        wide = [x.astype(acc) for x in leaves]
-        outside = [
-            across.max(jnp.any((x > h) | (x < lo)).astype(jnp.int32), r) > 0
-            for x, lo, h, r in zip(wide, los, his, flags)
-        ]
-        largest = [across.max(jnp.max(jnp.abs(x)), r) for x, r in zip(wide, flags)]
-        largest_after = [
-            across.max(jnp.max(jnp.abs(jnp.clip(x, lo, h))), r)
-            for x, lo, h, r in zip(wide, los, his, flags)
-        ]
-    before, after = jnp.max(jnp.stack(largest)), jnp.max(jnp.stack(largest_after))
-    scale = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), 1)
-    return norm, finite, jnp.any(jnp.stack(outside)), scale, before
+def _largest(where: _clip.Mapped, flags: list[bool], leaves: list[Array], dtype: Any) -> Array:
+    """The largest magnitude in the whole gradient (across mapped axes)."""
+    maxima = [jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in leaves]
+    if where.axis_name is not None:
+        maxima = [m if r else jax.lax.pmax(m, where.axis_name) for m, r in zip(maxima, flags)]
+    return jnp.max(_norms.joined(maxima)) if maxima else jnp.zeros((), dtype)
 
 
 def _largest_bound(max_value: Any, min_value: Any, dtype: Any) -> Array:
@@ -495,12 +408,14 @@ def _bound_leaves(
         for path, x in zip(paths, leaves):
             b = bound_by_path[tuple(path)]
             try:
-                np.broadcast_shapes(b.shape, x.shape)
+                fits = np.broadcast_shapes(b.shape, x.shape) == x.shape
             except ValueError:
+                fits = False
+            if not fits:
                 raise ValueError(
                     f"{owner}: {name} at {_checks.path_str(path)} has shape {b.shape}, which "
                     f"does not broadcast to the gradient's shape {x.shape}."
-                ) from None
+                )
             out.append(b)
         return out
     b = jnp.asarray(bound)

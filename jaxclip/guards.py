@@ -66,9 +66,6 @@ def skip_on_spike(
     Args:
       inner: the transformation to guard, typically the whole optimizer,
         e.g. ``optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(3e-4))``.
-        A global-norm clipper that receives the gradient as the guard does
-        (first in the chain, L2, not ``nonfinite="zero"``, on the same axes)
-        takes the guard's norm instead of reading the gradient again.
       window: the window length, a Python int >= 2 (static: it fixes the state's
         shape).
       factor: how many standard deviations above the mean count as a spike, > 0.
@@ -151,8 +148,7 @@ def skip_on_spike(
         norms, norm_count = _push(state.norms, state.norm_count, norm, norm_finite)
 
         def take(_: None) -> tuple[Any, Any]:
-            with _clip.shared_norm(measured):  # a clip inside need not measure again
-                return inner.update(updates, state.inner, params, **extra_args)
+            return inner.update(updates, state.inner, params, **extra_args)
 
         def reject(_: None) -> tuple[Any, Any]:
             shapes = jax.eval_shape(take, None)[0]

@@ -52,21 +52,13 @@ def _example_norms(owner: str, grads: Any, axis_name: Any) -> tuple[list[Any], l
             f"{owner}: every leaf needs the same leading batch axis (the output of "
             f"jax.vmap(jax.grad(...))); got {shapes}."
         )
-    axes = [tuple(range(1, x.ndim)) or None for x in leaves]
-    scalar_rows = [x.ndim == 1 for x in leaves]
-    measured = _norms.slice_norms(
-        [x[:, None] if row else x for x, row in zip(leaves, scalar_rows)],
-        2.0,
-        [(1,) if row else a for a, row in zip(axes, scalar_rows)],
-        axis_name=axis_name,
-    )
-    per_leaf = [n.reshape(n.shape[0]) for n in measured.split(measured.norms)]
+    # one unit per example: every axis but the batch axis
+    axes = [tuple(range(1, max(x.ndim, 2))) for x in leaves]
+    rows = [x[:, None] if x.ndim == 1 else x for x in leaves]
+    measured = _norms.unit_norms(rows, 2.0, axes, axis_name=axis_name)
     dtype = _norms.accumulation_dtype([x.dtype for x in leaves])
-    stacked = jnp.stack([n.astype(dtype) for n in per_leaf])  # (leaves, batch)
-    m = jax.lax.stop_gradient(jnp.max(stacked, axis=0))
-    scale = _norms.Scale.near(m)
-    combined = jnp.sqrt(jnp.sum((stacked * scale.shrink) ** 2, axis=0)) * scale.grow
-    norms = jnp.where(jnp.isfinite(m), combined, m)
+    per_leaf = jnp.stack([n.reshape(n.shape[0]).astype(dtype) for n in measured.norms])
+    norms = _norms.norm_along(per_leaf, 2.0, axis=0)
     return paths, leaves, norms
 
 
@@ -282,7 +274,7 @@ def per_example_clip(
       (arXiv:1905.03871).
     """
     owner = "jaxclip.per_example_clip"
-    _checks.check_threshold(owner, "max_norm", max_norm)
+    _checks.check_threshold(owner, "max_norm", max_norm, allow_inf=False)
     _checks.check_choice(owner, "reduce", reduce, ("mean", "sum"))
     _checks.check_scalar(owner, "noise_multiplier", noise_multiplier, minimum=0.0)
     if target_quantile is not None:
@@ -296,7 +288,7 @@ def per_example_clip(
 
     def init_fn(params: Any) -> PerExampleClipState:
         dtype = _clip.stats_dtype(params)
-        c = _apply.as_threshold(max_norm, jnp.zeros((), jnp.int32), dtype)
+        c = _apply.as_array(max_norm, dtype)
         extra = {name: jnp.zeros((), dtype) for name in extra_names}
         return PerExampleClipState(
             clip_norm=c,

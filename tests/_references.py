@@ -154,3 +154,48 @@ def spiky_norms(steps, seed=0, spike_every=17, spike_size=30.0):
     norms = np.exp(rng.normal(0.0, 0.2, steps))
     norms[spike_every::spike_every] *= spike_size
     return norms
+
+
+def agc_unit_axes(shape):
+    """The axes one AGC unit spans, transcribed from ``jaxclip.agc``'s documentation.
+
+    A leaf that squeezes to a vector or a scalar is one unit (None); rank 2 and
+    rank 3 reduce axis 0; rank 4 and up reduce every axis but the last.
+    """
+    if sum(n != 1 for n in shape) <= 1:
+        return None
+    if len(shape) in (2, 3):
+        return (0,)
+    return tuple(range(len(shape) - 1))
+
+
+def unit_norms(array, axis):
+    """The L2 norm of each unit of ``array`` (kept dims), or of the whole array (a scalar)."""
+    a = np.asarray(array, np.float64)
+    if axis is None:
+        return np.sqrt(np.sum(a * a))
+    return np.sqrt(np.sum(a * a, axis=axis, keepdims=True))
+
+
+def clip_by_norm(arrays, max_norm, axis=None):
+    """Keras ``clipnorm`` per leaf, or per slice along ``axis``: (outputs, unit norms)."""
+    outs, norms = [], []
+    for a in arrays:
+        a = np.asarray(a, np.float64)
+        n = unit_norms(a, axis)
+        scale = np.where(n > max_norm, max_norm / np.where(n > 0, n, 1.0), 1.0)
+        outs.append(a * scale)
+        norms.append(np.asarray(n))
+    return outs, norms
+
+
+def per_example_clip(arrays, clip_norm):
+    """DP-SGD's clip: leaves with a leading batch axis; each example's global L2 norm
+    clipped to ``clip_norm``. Returns (the clipped sums per leaf, the per-example
+    norms, the per-example scales)."""
+    arrays = [np.asarray(a, np.float64) for a in arrays]
+    batch = arrays[0].shape[0]
+    norms = np.sqrt(sum(np.sum(a.reshape(batch, -1) ** 2, axis=1) for a in arrays))
+    scales = np.where(norms > clip_norm, clip_norm / np.where(norms > 0, norms, 1.0), 1.0)
+    sums = [np.tensordot(scales, a, axes=(0, 0)) for a in arrays]
+    return sums, norms, scales

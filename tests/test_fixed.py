@@ -300,7 +300,8 @@ class ValidationTest(chex.TestCase):
         cases = [
             (dict(max_norm=-1.0), "max_norm must be >= 0.0, got -1.0"),
             (dict(max_norm=float("nan")), "max_norm must not be NaN"),
-            (dict(max_norm=float("inf")), "max_norm must be finite"),
+            (dict(max_norm=1.0, min_norm=float("inf")), "min_norm must be finite"),
+            (dict(max_norm=-float("inf")), "max_norm must be finite"),
             (dict(max_norm=jnp.array([1.0, 2.0])), "max_norm must be a scalar"),
             (dict(max_norm=2.0, min_norm=3.0), r"min_norm \(3.0\) must be <= max_norm \(2.0\)"),
             (dict(max_norm=2.0, min_norm=-1.0), "min_norm must be >= 0.0"),
@@ -600,3 +601,69 @@ class ClipByValueTest(chex.TestCase):
         tx = jaxclip.clip_by_value({"a": jnp.ones(3)})
         with pytest.raises(ValueError, match=r"\['a'\] has shape \(3,\)"):
             tx.update({"a": jnp.ones(2)}, tx.init(None))
+
+
+# -- cases from the peers' own tests ---------------------------------------------------
+
+
+def test_a_bound_that_does_not_broadcast_to_its_leaf_is_named():
+    tx = jaxclip.clip_by_value({"w": jnp.ones(2)})
+    with pytest.raises(ValueError, match=r"max_value at \['w'\] has shape \(2,\).*\(2, 3, 1\)"):
+        tx.update({"w": jnp.ones((2, 3, 1))}, tx.init(None))
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [
+        jaxclip.clip_by_global_norm(math.inf),
+        jaxclip.clip_by_global_norm(float("inf"), eps=1e-6),
+        jaxclip.clip_by_norm(math.inf),
+        jaxclip.clip_by_norm(math.inf, axis=0),
+        jaxclip.zclip(max_norm=math.inf, warmup_steps=1),
+    ],
+    ids=["global", "global-eps", "per-leaf", "per-column", "zclip-cap"],
+)
+def test_an_infinite_threshold_never_clips_and_records_the_norm(tx):
+    """As in PyTorch, Optax and jax_privacy: the way to log the norm without clipping."""
+    grads = {"w": jnp.array([[3e30, -4e30]]), "b": jnp.array([0.5])}
+    out, state = jax.jit(tx.update)(grads, tx.init(grads))
+    chex.assert_trees_all_equal(out, grads)
+    stats = jaxclip.get_stats(state)
+    assert float(stats.norm) == pytest.approx(np_norm(jax.tree.leaves(grads)), rel=1e-6)
+    assert not bool(stats.clipped) and float(stats.scale) == 1.0
+
+
+def test_per_example_clipping_refuses_an_infinite_clip_norm():
+    with pytest.raises(ValueError, match="max_norm must be finite"):
+        jaxclip.per_example_clip(math.inf)
+
+
+def test_nonfinite_error_names_the_leaves_eagerly_and_under_jit():
+    tx = jaxclip.clip_by_global_norm(1.0, nonfinite="error")
+    bad = {"w": jnp.array([1.0, jnp.nan]), "b": jnp.array([2.0])}
+    with pytest.raises(FloatingPointError, match=r"\['w'\] has NaN"):
+        tx.update(bad, tx.init(None))
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"\['w'\] has NaN"):
+        jax.block_until_ready(jax.jit(tx.update)(bad, tx.init(None)))
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: jaxclip.clip_by_global_norm(1.0),
+        lambda: jaxclip.clip_by_norm(1.0),
+        lambda: jaxclip.clip_by_value(1.0),
+        lambda: jaxclip.zclip(),
+        lambda: jaxclip.autoclip(history=8),
+    ],
+)
+def test_statistics_after_init_none_keep_float64_norms(factory):
+    """init(None) cannot see the gradient's dtype: with x64 enabled the record is
+    float64, so a float64 norm of 6e200 is not logged as inf."""
+    with float64_enabled():
+        tx = factory()
+        grads = jnp.array([3.6e200, -4.8e200], jnp.float64)
+        _, state = tx.update(grads, tx.init(None))
+        stats = jaxclip.get_stats(state)
+        assert stats.norm.dtype == jnp.float64
+        assert float(stats.norm) == pytest.approx(6e200, rel=1e-12)

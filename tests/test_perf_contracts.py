@@ -1,0 +1,119 @@
+"""Contracts on how the norms are computed, not only what they compute.
+
+The only tests that read jaxprs or compiled programs, or patch private helpers:
+they pin down the costs the benchmarks page relies on (docs/benchmarks.md).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _helpers import np_norm
+
+import jaxclip
+from jaxclip import _norms
+
+
+def _top_level_primitives(fn, *args):
+    return [eqn.primitive.name for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns]
+
+
+def test_common_case_is_one_reduction_per_leaf():
+    """The rescue runs in a cond branch: outside it, one sum per leaf (and one of
+    those sums), no max."""
+    tree = [jnp.ones((4, 4)), jnp.ones(3), jnp.ones(())]
+    top = _top_level_primitives(jaxclip.global_norm, tree)
+    assert top.count("reduce_sum") == 3 + 1
+    assert "reduce_max" not in top
+    assert top.count("cond") == 1
+    top = _top_level_primitives(lambda t: jaxclip.leaf_norms(t, axis=0), [jnp.ones((4, 4))] * 3)
+    assert top.count("reduce_sum") == 3 and "reduce_max" not in top
+    assert top.count("cond") == 1
+
+
+def test_no_leaf_is_copied_to_be_measured():
+    """Leaves are reduced where they lie: no concatenation of leaves (a copy of the
+    tree on every call); only the per-leaf results may be joined."""
+    tree = [jnp.full((8, 8), 0.5) for _ in range(70)]
+    for fn in (jaxclip.global_norm, jaxclip.leaf_norms):
+        jaxpr = jax.make_jaxpr(fn)(tree).jaxpr
+        joined = [e for e in jaxpr.eqns if e.primitive.name == "concatenate"]
+        assert all(e.outvars[0].aval.size <= len(tree) for e in joined)
+    np.testing.assert_allclose(jaxclip.global_norm(tree), 0.5 * 8 * np.sqrt(len(tree)), rtol=1e-6)
+
+
+def _scratch_bytes(fn, *args):
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_rescue_branches_reserve_no_leaf_sized_scratch():
+    """A rescue seldom runs, but the scratch its branch needs is reserved on every
+    call: it must read the leaves in place, not write leaf-sized copies. The
+    bound is the scratch of a plain norm compiled alike plus an eighth of a leaf."""
+    tree = {f"w{i}": jnp.full((512, 512), 0.5) for i in range(4)}
+    tree["wide"] = jnp.full((256, 1024), 0.5)
+    plain = _scratch_bytes(lambda t: jnp.sqrt(sum(jnp.sum(x * x) for x in t.values())), tree)
+    bound = plain + 512 * 512 * 4 / 8
+    assert _scratch_bytes(jaxclip.global_norm, tree) <= bound
+    for tx in (jaxclip.clip_by_global_norm(1.0), jaxclip.zclip(), jaxclip.clip_by_norm(1.0)):
+        assert _scratch_bytes(tx.update, tree, tx.init(tree)) <= bound
+
+
+def _count_rescues(monkeypatch):
+    """A list that grows by one each time a rescue runs: only a rescue looks for the
+    largest magnitudes (for p other than inf)."""
+    ran = []
+    max_abs = _norms._max_abs
+
+    def counted(*args):
+        jax.debug.callback(lambda: ran.append(1))
+        return max_abs(*args)
+
+    monkeypatch.setattr(_norms, "_max_abs", counted)
+    return ran
+
+
+def _units_with(value):
+    """Leaves whose units include some whose every element is ``value``: a bias, one
+    of many alike small leaves, rows of a matrix."""
+    tree = {
+        "kernel": jnp.ones((64, 8)).at[::4].set(value),
+        "bias": jnp.full((8,), value),
+        "alike": [jnp.full((4,), float(i + 1)) for i in range(20)],
+    }
+    tree["alike"][3] = jnp.full((4,), value)
+    return tree
+
+
+@pytest.mark.parametrize("axis", [None, -1])
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_clippers_take_all_zero_units_in_one_pass(monkeypatch, p, axis):
+    """A clipper's unit whose sum of powers is zero (a frozen bias, unused embedding
+    rows) costs no second pass: its scale is 1 whether its elements are zero or
+    too small to square. A unit whose sum merely lost digits is measured again."""
+    ran = _count_rescues(monkeypatch)
+    tx = jaxclip.clip_by_norm(1e-3, ord=p, axis=axis)
+    clip = jax.jit(lambda t: tx.update(t, tx.init(t))[0])
+    small = 1e-18 if p != 1 else 1e-30  # squares in float32's subnormal range
+    for value, rescued in [(0.0, False), (1e-30, False), (small, p == 2)]:
+        ran.clear()
+        tree = _units_with(value)
+        out = clip(tree)
+        jax.effects_barrier()
+        assert bool(ran) == rescued, (value, p, axis)
+        for leaf, got in zip(jax.tree.leaves(tree), jax.tree.leaves(out)):
+            x = np.asarray(leaf, np.float64)
+            norm = np_norm([x], p) if axis is None else np.sum(np.abs(x) ** p, -1) ** (1 / p)
+            scale = np.minimum(1.0, 1e-3 / np.maximum(norm, 1e-300))
+            want = x * (scale if axis is None else scale[:, None] if x.ndim == 2 else scale)
+            np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-37)
+
+
+def test_empty_leaves_need_no_second_pass(monkeypatch):
+    ran = _count_rescues(monkeypatch)
+    tree = {"empty": jnp.zeros((0, 5)), "w": jnp.ones((3, 5)), "b": jnp.ones((5,))}
+    cols = jax.jit(lambda t: jaxclip.leaf_norms(t, axis=0))(tree)
+    jax.effects_barrier()
+    assert not ran
+    np.testing.assert_array_equal(cols["empty"], np.zeros(5))
+    np.testing.assert_allclose(cols["w"], np.full(5, 3**0.5), rtol=1e-6)
