@@ -1,8 +1,10 @@
-"""Shared pieces of the benchmarks: model-like trees and interleaved timing."""
+"""Shared pieces of the benchmarks: model-like trees, interleaved timing, the machine."""
 
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import platform
 import statistics
 import time
@@ -32,6 +34,17 @@ def transformer_tree(d_model: int, layers: int, vocab: int, dtype=jnp.float32, s
             "norm2": leaf(d_model),
         }
     return tree
+
+
+def leaf_specs(n_leaves: int, dtype: str) -> dict[str, jax.ShapeDtypeStruct]:
+    """``n_leaves`` shapes as a transformer has them (d_model 128): an embedding,
+    then per layer four attention matrices, two MLP matrices, a bias, two norms."""
+    d = 128
+    layer = [(d, d)] * 4 + [(d, 4 * d), (4 * d, d), (4 * d,), (d,), (d,)]
+    shapes = [(1000, d), (d,)]
+    while len(shapes) < n_leaves:
+        shapes += layer
+    return {f"leaf{i:04d}": jax.ShapeDtypeStruct(s, dtype) for i, s in enumerate(shapes[:n_leaves])}
 
 
 def training_run(tx: Any, params: Any, grads: Any) -> Callable[[], Any]:
@@ -95,6 +108,53 @@ def interleaved(
     return out
 
 
+# Peak memory bandwidth in GB/s from the vendors' data sheets, by the start of JAX's
+# device_kind; --peak-gbps gives it for any other device.
+PEAK_GBPS = {
+    "NVIDIA H200": 4800,
+    "NVIDIA H100 80GB HBM3": 3350,  # SXM
+    "NVIDIA H100 PCIe": 2000,
+    "NVIDIA A100-SXM4-80GB": 2039,
+    "NVIDIA A100-SXM4-40GB": 1555,
+    "NVIDIA A100 80GB PCIe": 1935,
+    "NVIDIA A100-PCIE-40GB": 1555,
+    "NVIDIA L4": 300,
+    "NVIDIA A10G": 600,
+    "Tesla V100-SXM2": 900,
+    "Tesla T4": 320,
+}
+
+
+def on_accelerator() -> bool:
+    return jax.devices()[0].platform != "cpu"
+
+
+def peak_gbps(device_kind: str, given: float | None) -> float | None:
+    """The device's peak memory bandwidth: ``given``, else from PEAK_GBPS, else None."""
+    if given is not None:
+        return given
+    for kind, gbps in PEAK_GBPS.items():
+        if device_kind.startswith(kind):
+            return float(gbps)
+    return None
+
+
+def cores() -> int:
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
+
+
+def cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, str]:
     device = jax.devices()[0]
     return {
@@ -102,7 +162,7 @@ def machine() -> dict[str, str]:
         "processor": platform.processor() or platform.machine(),
         "jax": jax.__version__,
         "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
-        "cpu_count": str(__import__("os").cpu_count()),
+        "cpu_count": str(os.cpu_count()),
     }
 
 

@@ -70,12 +70,12 @@ def test_quick_suite_writes_every_table_and_renders_an_accelerator(tmp_path):
 
 def test_peak_bandwidth_comes_from_the_flag_then_the_table(monkeypatch):
     monkeypatch.syspath_prepend(str(SUITE.parent))
-    import suite
+    from common import peak_gbps
 
-    assert suite.peak_gbps("NVIDIA H100 80GB HBM3", None) == 3350
-    assert suite.peak_gbps("NVIDIA A100-SXM4-40GB", None) == 1555
-    assert suite.peak_gbps("NVIDIA H100 80GB HBM3", 3000.0) == 3000.0
-    assert suite.peak_gbps("Some Future Card", None) is None
+    assert peak_gbps("NVIDIA H100 80GB HBM3", None) == 3350
+    assert peak_gbps("NVIDIA A100-SXM4-40GB", None) == 1555
+    assert peak_gbps("NVIDIA H100 80GB HBM3", 3000.0) == 3000.0
+    assert peak_gbps("Some Future Card", None) is None
 
 
 def test_zero_units_script_times_every_clipper_on_every_gradient(tmp_path):
