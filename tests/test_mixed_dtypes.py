@@ -679,11 +679,12 @@ def check_per_example(case):
         tree = spec.build()
         xs = np_leaves(tree)
         norms = ref.per_example_clip(xs, 1.0)[1]
-        clip_norm = float(ratio * np.median(norms))
-        sums, norms, scales = ref.per_example_clip(xs, clip_norm)
-        divisor = BATCH if reduce == "mean" else 1
         example = jax.tree.map(lambda x: x[0], tree)
         params = init_params(init, example, spec.x64)
+        # the state holds C in the statistics' dtype
+        clip_norm = float(np.asarray(ratio * np.median(norms), stats_dtype(params, spec.x64)))
+        sums, norms, scales = ref.per_example_clip(xs, clip_norm)
+        divisor = BATCH if reduce == "mean" else 1
         tx = jaxclip.per_example_clip(clip_norm, reduce=reduce)
         ((out, state),) = run(tx, [tree], params)
         # each leaf's part of an example's norm in that leaf's accumulation dtype

@@ -117,3 +117,26 @@ def test_empty_leaves_need_no_second_pass(monkeypatch):
     assert not ran
     np.testing.assert_array_equal(cols["empty"], np.zeros(5))
     np.testing.assert_allclose(cols["w"], np.full(5, 3**0.5), rtol=1e-6)
+
+
+@pytest.mark.skipif(
+    tuple(int(v) for v in jax.__version__.split(".")[:2]) < (0, 8),
+    reason="the XLA of jax 0.7 writes the wide copy whatever the barrier",
+)
+def test_a_bfloat16_clip_writes_no_wide_copy_of_the_gradient():
+    """``_norms.widened``: the norm's float32 cast stays inside its reduction, so the
+    clip's scratch holds no float32 copy of the gradient (half a leaf is the bound)."""
+    tree = {f"w{i}": jnp.full((512, 512), 0.5, jnp.bfloat16) for i in range(4)}
+    tx = jaxclip.clip_by_global_norm(1.0)
+    assert _scratch_bytes(tx.update, tree, tx.init(tree)) <= 512 * 512 * 4 / 2
+
+
+def test_per_leaf_results_are_reduced_from_one_vector_held_apart():
+    """``_norms.joined``: the global sum of 100 per-leaf sums reads them as one vector
+    behind an optimization barrier (a chain of 100 additions would compile in time
+    growing with its square)."""
+    tree = [jnp.ones((3,)) for _ in range(100)]
+    eqns = jax.make_jaxpr(jaxclip.global_norm)(tree).jaxpr.eqns
+    barriers = [e for e in eqns if e.primitive.name == "optimization_barrier"]
+    assert any(v.aval.shape == (100,) for e in barriers for v in e.outvars)
+    assert [e.primitive.name for e in eqns].count("add") == 0
