@@ -453,7 +453,7 @@ def adagc(
         policy=policy,
         where=where,
         init_rule=init_rule,
-        pack=lambda rule, stats: AdaGCState(*rule, stats),
+        pack=lambda rule, stats: AdaGCState(rule[0], rule[1], stats),
         unpack=lambda state: ((state.gamma, state.seen), state.stats),
         extra_names=("gamma_min", "gamma_max", "warmup"),
         initial_threshold=warmup_max_norm,
