@@ -365,8 +365,15 @@ def _power_of_two_above(m: Array) -> Array:
 
 
 def _add(scalars: Sequence[Array]) -> Array:
-    """The sum of a non-empty sequence of scalars."""
-    return jnp.sum(joined(scalars))
+    """The sum of a non-empty sequence of scalars: up to 64 one after another, as
+    PyTorch adds its per-tensor results and whatever the sharding (XLA rounds the
+    sum of a vector differently across versions and meshes), more as one vector."""
+    if len(scalars) > 64:
+        return jnp.sum(joined(scalars))
+    total = scalars[0]
+    for s in scalars[1:]:
+        total = total + s
+    return total
 
 
 def _largest(scalars: Sequence[Array]) -> Array:
