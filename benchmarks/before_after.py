@@ -37,6 +37,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -128,12 +129,19 @@ def git_text(repo: pathlib.Path, *args: str) -> str:
     return git(repo, *args).decode().rstrip("\n")
 
 
-def import_before(repo: pathlib.Path, rev: str, folder: pathlib.Path) -> ModuleType:
-    """jaxclip as it was at ``rev``, unpacked into ``folder`` as jaxclip_before."""
-    archive = git(repo, "archive", rev, "jaxclip")
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        # the "data" filter refuses links and paths out of the folder, where Python has it
-        tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+def import_before(
+    repo: pathlib.Path, rev: str, folder: pathlib.Path, source: pathlib.Path | None = None
+) -> ModuleType:
+    """jaxclip as it was at ``rev``, unpacked into ``folder`` as jaxclip_before; or,
+    where there is no git history, the ``jaxclip/`` found in the folder ``source``."""
+    if source is not None:
+        shutil.copytree(source / "jaxclip", folder / "jaxclip")
+    else:
+        archive = git(repo, "archive", rev, "jaxclip")
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            # the "data" filter refuses links and paths out of the folder, where Python has it
+            filters = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(folder, **filters)
     package = folder / "jaxclip_before"
     (folder / "jaxclip").rename(package)
     for path in package.rglob("*.py"):

@@ -66,8 +66,17 @@ def joined(arrays: Sequence[Array]) -> Array:
     kernel, or copies it into every kernel that reads its result, and compiles
     in time growing with the square of the number of leaves.
     """
-    vector = jnp.concatenate([jnp.ravel(a) for a in arrays]) if len(arrays) > 1 else arrays[0]
-    return lax.optimization_barrier(jnp.ravel(vector))
+    flat = [jnp.ravel(_whole(a)) for a in arrays]
+    return lax.optimization_barrier(jnp.concatenate(flat) if len(flat) > 1 else flat[0])
+
+
+def _whole(a: Array) -> Array:
+    """``a`` (a small per-unit result) whole on every device where its type says it is
+    sharded (explicit sharding): arrays of different shardings cannot be joined."""
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    if sharding is not None and any(axis is not None for axis in sharding.spec):
+        return jax.sharding.reshard(a, sharding.update(spec=()))
+    return a
 
 
 def _powers(x: Array, p: float, dtype: Any, sanitize: bool, shrink: Array | None = None) -> Array:

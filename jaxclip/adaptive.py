@@ -56,10 +56,8 @@ def autoclip(
         ``threshold / norm``.
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such norms never enter the history.
-
-      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap``, the axes its norms are summed over; see "Clipping across
-        devices" (``docs/guides/distributed.md``). None: not sharded.
+      axis_name: the mapped axes a sharded gradient's norms are summed over
+        (``docs/guides/distributed.md``); None: not sharded.
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` with state
@@ -139,10 +137,8 @@ def zclip(
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such steps leave the statistics
         unchanged.
-
-      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap``, the axes its norms are summed over; see "Clipping across
-        devices" (``docs/guides/distributed.md``). None: not sharded.
+      axis_name: the mapped axes a sharded gradient's norms are summed over
+        (``docs/guides/distributed.md``); None: not sharded.
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` with state
@@ -237,10 +233,8 @@ def quantile_clip(
       update: ``"geometric"`` or ``"arithmetic"``.
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such steps leave C unchanged.
-
-      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap``, the axes its norms are summed over; see "Clipping across
-        devices" (``docs/guides/distributed.md``). None: not sharded.
+      axis_name: the mapped axes a sharded gradient's norms are summed over
+        (``docs/guides/distributed.md``); None: not sharded.
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` with state
@@ -354,10 +348,8 @@ def adagc(
         Each slice along that axis is then a unit with its own gamma.
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such steps leave gamma unchanged.
-
-      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap``, the axes its norms are summed over; see "Clipping across
-        devices" (``docs/guides/distributed.md``). None: not sharded.
+      axis_name: the mapped axes a sharded gradient's norms are summed over
+        (``docs/guides/distributed.md``); None: not sharded.
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` with state :class:`AdaGCState`; it

@@ -88,10 +88,8 @@ def agc(
         classifier layer.
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`.
-
-      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap``, the axes its norms are summed over; see "Clipping across
-        devices" (``docs/guides/distributed.md``). None: not sharded.
+      axis_name: the mapped axes a sharded gradient's norms are summed over
+        (``docs/guides/distributed.md``); None: not sharded.
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` that needs ``params`` in ``update``.

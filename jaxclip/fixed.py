@@ -63,10 +63,8 @@ def clip_by_global_norm(
         The default leaves the policy to the user instead of hiding a broken
         step; note that ``"skip"`` still lets a following optimizer advance
         (e.g. AdamW's weight decay and moments).
-
-      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap``, the axes its norms are summed over; see "Clipping across
-        devices" (``docs/guides/distributed.md``). None: not sharded.
+      axis_name: the mapped axes a sharded gradient's norms are summed over
+        (``docs/guides/distributed.md``); None: not sharded.
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` whose state is a
@@ -138,10 +136,8 @@ def clip_by_norm(
         as usual; ``"skip"``: zero updates when any element is non-finite;
         ``"zero"``: non-finite elements set to zero; ``"error"``: raise, naming
         the leaves. See :func:`clip_by_global_norm`.
-
-      axis_name: for a gradient sharded over mapped axes inside ``shard_map`` or
-        ``pmap``, the axes its norms are summed over; see "Clipping across
-        devices" (``docs/guides/distributed.md``). None: not sharded.
+      axis_name: the mapped axes a sharded gradient's norms are summed over
+        (``docs/guides/distributed.md``); None: not sharded.
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation``. Its :class:`~jaxclip.ClipStats`

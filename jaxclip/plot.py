@@ -148,29 +148,10 @@ def clip_field(
         clipped = np.asarray(
             jax.vmap(lambda g, tx=tx, state=state: tx.update(g, state)[0])(jnp.asarray(grid))
         )
+        arrows = {"angles": "xy", "scale_units": "xy", "scale": 1}
         zero = np.zeros(len(grid))
-        ax.quiver(
-            zero,
-            zero,
-            grid[:, 0],
-            grid[:, 1],
-            angles="xy",
-            scale_units="xy",
-            scale=1,
-            color="0.8",
-            width=0.004,
-        )
-        ax.quiver(
-            zero,
-            zero,
-            clipped[:, 0],
-            clipped[:, 1],
-            angles="xy",
-            scale_units="xy",
-            scale=1,
-            color="tab:blue",
-            width=0.006,
-        )
+        ax.quiver(zero, zero, grid[:, 0], grid[:, 1], color="0.8", width=0.004, **arrows)
+        ax.quiver(zero, zero, *clipped.T, color="tab:blue", width=0.006, **arrows)
         ax.set_xlim(-extent, extent)
         ax.set_ylim(-extent, extent)
         ax.set_aspect("equal")

@@ -139,3 +139,61 @@ def test_per_leaf_results_are_reduced_from_one_vector_held_apart():
     barriers = [e for e in eqns if e.primitive.name == "optimization_barrier"]
     assert any(v.aval.shape == (100,) for e in barriers for v in e.outvars)
     assert [e.primitive.name for e in eqns].count("add") == 0
+
+
+def _lowered():
+    import importlib.util
+    import pathlib
+    import sys
+
+    here = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(here))
+    spec = importlib.util.spec_from_file_location("lowered", here / "lowered.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_census_finds_branches_loops_and_host_callbacks():
+    """The counter behind benchmarks/results/lowered.md, on a program whose answer is known:
+    a loop and a branch every step, a callback inside the branch and one outside."""
+    lowered = _lowered()
+
+    def f(x):
+        x = jax.lax.fori_loop(0, 3, lambda i, c: c + jnp.sin(c), x)
+
+        def loud():
+            jax.debug.callback(print, x)
+            return x * 2
+
+        y = jax.lax.cond(jnp.sum(x) > 0, loud, lambda: x)
+        jax.debug.callback(print, y)
+        return jnp.sort(y)
+
+    text = jax.jit(f).trace(jnp.ones(3)).lower(lowering_platforms=("cpu",)).as_text()
+    counts = lowered.census(text)
+    assert counts["conditionals"] == {"every_step": 1, "in_branches": 0}
+    assert counts["loops"] == {"every_step": 1, "in_branches": 0}
+    transfers = counts["host_transfers"]
+    assert (transfers["every_step"], transfers["in_branches"]) == (1, 1)
+    assert counts["custom_calls"] == {"every_step": 0, "in_branches": 0}
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerator_programs_keep_their_recorded_branches(platform):
+    """No clipper's step gains a conditional, loop, custom call or host transfer on a
+    GPU or TPU beyond the counts recorded in benchmarks/results/lowered.json (regenerate
+    with benchmarks/lowered.py when a change is meant)."""
+    import json
+
+    lowered = _lowered()
+    recorded = json.loads(
+        (lowered.pathlib.Path(lowered.__file__).parent / "results" / "lowered.json").read_text()
+    )
+    assert set(recorded["steps"]) == set(lowered.names())
+    for name in lowered.names():
+        counts = lowered.census(lowered.step_text(name, platform))
+        for kind in lowered.KINDS:
+            for where in ("every_step", "in_branches"):
+                was = recorded["steps"][name][platform][kind][where]
+                assert counts[kind][where] <= was, (name, kind, where, counts[kind][where], was)
