@@ -1,10 +1,11 @@
-"""Command line: ``python -m jaxclip demo``."""
+"""Command line of jaxclip: jaxclip demo (or python -m jaxclip demo)."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -33,16 +34,25 @@ def _methods(text: str) -> list[str]:
     return names
 
 
+def _program_name() -> str:
+    """``jaxclip`` when run as the console script, else ``python -m jaxclip``."""
+    return "jaxclip" if os.path.basename(sys.argv[0]) == "jaxclip" else "python -m jaxclip"
+
+
 def _parser() -> argparse.ArgumentParser:
     from jaxclip import demo
 
-    parser = argparse.ArgumentParser(prog="python -m jaxclip", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog=_program_name(), description="Gradient clipping for JAX and Optax."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "demo",
         help="train an RNN with exploding gradients, once per clipping method",
-        description="Trains a tanh RNN on the adding problem, whose gradients explode, "
-        "once per clipping method, and compares the runs.",
+        description="Trains a tanh RNN on a memory task (recall the first of a sequence of "
+        "random values), whose gradients explode, once per clipping method; prints a table "
+        "with a verdict per method and writes the history, a summary and a picture.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = demo.Config()
     run.add_argument("--steps", type=_positive_int, default=defaults.steps, help="training steps")
@@ -53,9 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--methods",
         type=_methods,
-        default=list(demo.DEFAULT_METHODS),
-        help=f"comma-separated, from: {', '.join(demo.METHODS)} "
-        f"(default: {','.join(demo.DEFAULT_METHODS)})",
+        default=",".join(demo.DEFAULT_METHODS),
+        metavar="NAME,NAME,...",
+        help=f"the methods to run, from: {', '.join(demo.METHODS)}",
     )
     return parser
 
@@ -87,12 +97,16 @@ def run_demo(args: argparse.Namespace) -> int:
         f"Always answering 0 gives loss {demo.BASELINE_LOSS[config.task]:.3f}; lower means "
         "the network learned the task."
     )
+    methods = args.methods  # argparse applies _methods to the default too
     histories = []
-    for method in args.methods:
+    for method in methods:
         histories.append(demo.train(method, config, _ProgressBar(method, config.steps)))
     rows = [h.summary for h in histories]
     print()
     print(demo.format_table(rows))
+    notes = [f"  {m}: {demo.NOTES[m]}" for m in methods if m in demo.NOTES]
+    if notes:
+        print("\n".join(["", "Notes:", *notes]))
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(rows, indent=2))
@@ -110,7 +124,7 @@ def run_demo(args: argparse.Namespace) -> int:
     except ImportError:
         print("\n(no picture: matplotlib is missing; pip install 'jaxclip[plot]')")
     else:
-        figure = plot.demo_runs(histories)
+        figure = plot.demo_runs(histories, demo.BASELINE_LOSS[config.task], demo.NOTES)
         figure.savefig(args.out / "demo.png", dpi=90)
         written.append(args.out / "demo.png")
     print("\nWrote " + ", ".join(str(p) for p in written))

@@ -200,9 +200,9 @@ def float_leaves(tree: Any, owner: str, what: str = "updates") -> list[tuple[Any
     are not returned: the transforms pass them through unchanged.
 
     Raises:
-      TypeError: naming the first integer, boolean or complex leaf.
+      TypeError: naming every integer, boolean or complex leaf.
     """
-    out = []
+    out, bad = [], []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         dtype = getattr(leaf, "dtype", None)
         if dtype is None:
@@ -211,12 +211,15 @@ def float_leaves(tree: Any, owner: str, what: str = "updates") -> list[tuple[Any
         if dtype == jax.dtypes.float0:
             continue
         if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(
-                f"{owner}: {what} leaf {path_str(path)} has dtype {dtype}; clipping needs "
-                "floating-point leaves (float16, bfloat16, float32 or float64). Cast it, or "
-                "leave it out of the transform with optax.masked / optax.partition."
-            )
+            bad.append(f"{path_str(path)} has dtype {dtype}")
         out.append((path, leaf))
+    if bad:
+        leaves = "leaf " if len(bad) == 1 else "leaves "
+        raise TypeError(
+            f"{owner}: {what} {leaves}{'; '.join(bad)}. Clipping needs floating-point "
+            "leaves (float16, bfloat16, float32 or float64): cast them, or leave them out of "
+            "the transform with optax.masked / optax.partition."
+        )
     return out
 
 

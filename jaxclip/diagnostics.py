@@ -54,11 +54,12 @@ class GradReport(NamedTuple):
         """A readable report (outside ``jit``)."""
         rows = self._rows()
         exploding, vanishing = set(self.exploding(ratio)), set(self.vanishing(ratio))
+        width = max([len(r[0]) for r in rows] + [4])
         lines = [
             f"global norm {float(self.global_norm):.4g} over {len(rows)} leaves; "
-            f"median leaf norm {float(self.median_leaf_norm):.4g}"
+            f"median of the finite leaf norms {float(self.median_leaf_norm):.4g}",
+            f"  {'leaf':<{width}}  {'norm':>11}  notes",
         ]
-        width = max([len(r[0]) for r in rows] + [4])
         for path, norm, nans, infs in rows:
             flags = []
             if nans:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ def norm_history(
     clipped: Sequence[bool] | None = None,
     *,
     title: str = "pre-clip gradient norm",
+    threshold_label: str = "threshold",
     ax: Any = None,
 ) -> Figure:
     """The pre-clip norm per step, the threshold, and the steps that were clipped.
@@ -40,6 +42,7 @@ def norm_history(
       threshold: the threshold per step, if any (NaN or inf where there was none).
       clipped: whether each step was clipped; marked with dots.
       title: the axes' title.
+      threshold_label: the threshold line's legend entry.
       ax: draw into these axes instead of a new figure.
 
     Returns:
@@ -58,7 +61,7 @@ def norm_history(
     ax.plot(steps, np.where(np.isfinite(values), values, np.nan), lw=0.8, label="norm")
     if threshold is not None:
         t = np.asarray(threshold, np.float64)
-        ax.plot(steps, np.where(np.isfinite(t), t, np.nan), lw=1.2, ls="--", label="threshold")
+        ax.plot(steps, np.where(np.isfinite(t), t, np.nan), lw=1.2, ls="--", label=threshold_label)
     if clipped is not None:
         mask = np.asarray(clipped, bool)
         ax.plot(steps[mask], values[mask], ".", ms=3, color="tab:red", label="clipped")
@@ -68,7 +71,7 @@ def norm_history(
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_title(title)
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     return fig
 
 
@@ -77,6 +80,7 @@ def losses(
     *,
     title: str = "training loss",
     log: bool = True,
+    baseline: float | None = None,
     ax: Any = None,
 ) -> Figure:
     """Loss curves of several runs; non-finite losses leave gaps.
@@ -85,6 +89,8 @@ def losses(
       runs: run name -> loss per step.
       title: the axes' title.
       log: log-scale the loss axis.
+      baseline: a reference loss drawn as a horizontal line (e.g. that of a
+        constant prediction).
       ax: draw into these axes instead of a new figure.
 
     Returns:
@@ -97,14 +103,17 @@ def losses(
       2
     """
     fig, ax = _axes(ax, (7, 3))
-    for name, values in runs.items():
+    colors = plt.get_cmap("tab10").colors
+    for i, (name, values) in enumerate(runs.items()):
         v = np.asarray(values, np.float64)
-        ax.plot(np.where(np.isfinite(v), v, np.nan), lw=0.9, label=name)
+        ax.plot(np.where(np.isfinite(v), v, np.nan), lw=0.9, label=name, color=colors[i % 10])
+    if baseline is not None:
+        ax.axhline(baseline, color="black", ls=":", lw=1.2, label=f"baseline {baseline:.3g}")
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     return fig
 
 
@@ -160,23 +169,42 @@ def clip_field(
     return fig
 
 
-def demo_runs(histories: Sequence[Any]) -> Figure:
+def demo_runs(
+    histories: Sequence[Any],
+    baseline: float | None = None,
+    notes: Mapping[str, str] | None = None,
+) -> Figure:
     """The demo's picture: loss curves, and each method's norm with its threshold.
 
     Args:
       histories: ``jaxclip.demo.History`` objects, one per method.
+      baseline: the loss of a constant prediction, drawn across the loss panel.
+      notes: method -> a short note under its panel's title (``jaxclip.demo.NOTES``).
 
     Returns:
       The Figure: the losses on top, one norm panel per method below.
     """
     n = len(histories)
-    fig = plt.figure(figsize=(9, 2.6 + 1.9 * n))
+    notes = notes or {}
+    fig = plt.figure(figsize=(11, 2.6 + 1.9 * n))
     grid = fig.add_gridspec(1 + n, 1, height_ratios=[2.2] + [1.6] * n)
-    losses({h.method: h.loss for h in histories}, ax=fig.add_subplot(grid[0]))
+    runs = {h.method: h.loss for h in histories}
+    losses(runs, baseline=baseline, ax=fig.add_subplot(grid[0]))
     for i, h in enumerate(histories):
         ax = fig.add_subplot(grid[1 + i])
         threshold = h.threshold if np.isfinite(h.threshold).any() else None
-        norm_history(h.norm, threshold, h.clipped, title=f"{h.method}: pre-clip norm", ax=ax)
+        label = "norm of per-tensor thresholds" if h.method == "adagc" else "threshold"
+        note = "\n" + textwrap.fill(notes[h.method], 110) if h.method in notes else ""
+        norm_history(
+            h.norm,
+            threshold,
+            h.clipped if np.any(h.clipped) else None,
+            title=f"{h.method}: pre-clip norm",
+            threshold_label=label,
+            ax=ax,
+        )
+        if note:
+            ax.set_title(f"{h.method}: pre-clip norm{note}", fontsize="small")
         if i < n - 1:
             ax.set_xlabel("")
     fig.tight_layout()

@@ -4,8 +4,27 @@
 """
 
 import os
+import pathlib
 
+import jax
 from hypothesis import HealthCheck, settings
+
+# Many tests compile the same programs (a clipper on the same shapes): keep what XLA
+# compiles on disk, in this checkout's pytest cache, for the rest of the run and later runs.
+# Subprocesses (the demo, the notebooks, several devices) read the same cache.
+_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
+jax.config.update(
+    "jax_persistent_cache_min_entry_size_bytes",
+    int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]),
+)
 
 # "default" keeps the suite fast on two cores; "thorough" is for the slow runs:
 #   HYPOTHESIS_PROFILE=thorough python -m pytest -m slow

@@ -35,6 +35,12 @@ def test_demo_runs_and_writes_its_results(tmp_path):
     lines = (out / "history.csv").read_text().splitlines()
     assert len(lines) == 1 + 40 * len(demo.DEFAULT_METHODS)
     assert "40/40" in proc.stderr  # the progress bar
+    # a verdict per method against the baseline, and the notes on the methods' designs
+    for row in rows:
+        learned = row["final loss"] < demo.LEARNED_BELOW * demo.BASELINE_LOSS["memory"]
+        assert row["verdict"] == ("learned" if learned else "did not learn")
+    assert "verdict" in proc.stdout and "Notes:" in proc.stdout
+    assert f"zclip: {demo.NOTES['zclip']}" in proc.stdout
     png = (out / "demo.png").read_bytes()
     assert png.startswith(b"\x89PNG") and str(out / "demo.png") in proc.stdout
 
@@ -52,6 +58,28 @@ def test_bad_flags_get_a_clear_message(tmp_path, args, message):
     proc = _run(*args, cwd=tmp_path)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_help_describes_the_demo_and_its_defaults(tmp_path):
+    proc = _run("demo", "--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert "memory task" in text and "adding" not in text
+    assert "(default: 800)" in text and "(default: jaxclip-demo)" in text
+    assert "(default: " + ",".join(demo.DEFAULT_METHODS) in text.replace(", ", ",")
+
+
+def test_console_script_names_itself(monkeypatch, capsys):
+    from jaxclip import __main__ as cli
+
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/jaxclip", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert capsys.readouterr().out.startswith("usage: jaxclip ")
+    monkeypatch.setattr(sys, "argv", ["/x/jaxclip/__main__.py", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert capsys.readouterr().out.startswith("usage: python -m jaxclip ")
 
 
 def test_history_records_what_the_clipper_did():

@@ -43,6 +43,9 @@ def test_text_names_the_problems():
     assert "2 inf" in text
     assert "exploding" in text and "vanishing" in text
     assert "non-finite leaves: head, layer/b" in text
+    # the median says which norms it is taken over, and every column has a header
+    assert "median of the finite leaf norms" in text.splitlines()[0]
+    assert text.splitlines()[1].split() == ["leaf", "norm", "notes"]
 
 
 def test_healthy_gradient():

@@ -23,11 +23,21 @@ def _env(devices):
     return env
 
 
-@pytest.mark.parametrize("check", ["shard_map", "pmap", "jit_2d_mesh", "training"])
-def test_eight_devices(check):
+@pytest.mark.parametrize(
+    "check,clippers",
+    [
+        pytest.param(check, clippers, marks=[pytest.mark.slow] if clippers == "all" else [])
+        for check in ("shard_map", "pmap", "jit_2d_mesh")
+        for clippers in ("some", "all")
+    ]
+    + [("training", "some")],
+)
+def test_eight_devices(check, clippers):
+    """``some``: clippers of every kind (rule, per unit, per element, guard); ``all``: every
+    clipper and option (checks.clippers)."""
     proc = subprocess.run(
         [sys.executable, str(HERE / "checks.py"), check],
-        env=_env(8),
+        env=_env(8) | {"JAXCLIP_CHECK_CLIPPERS": clippers},
         capture_output=True,
         text=True,
         timeout=600,

@@ -50,5 +50,11 @@ def test_demo_runs_picture():
     from jaxclip import demo
 
     histories = [demo.train(m, demo.Config(steps=20)) for m in ("none", "clip_by_global_norm")]
-    fig = plot.demo_runs(histories)
+    fig = plot.demo_runs(histories, baseline=1 / 3, notes={"none": "a note"})
     assert len(fig.axes) == 3
+    loss_ax = fig.axes[0]
+    baseline = [line for line in loss_ax.lines if line.get_label().startswith("baseline")]
+    assert len(baseline) == 1 and np.allclose(baseline[0].get_ydata(), 1 / 3)
+    # legends sit outside the data, to the right of each panel
+    assert all(ax.get_legend().get_bbox_to_anchor().x0 >= ax.bbox.x1 - 1 for ax in fig.axes)
+    assert fig.axes[1].get_title().endswith("\na note")

@@ -76,6 +76,16 @@ def test_two_commands():
     assert _command("demo-command").endswith("python -m jaxclip demo")
     assert "[plot]" in _command("demo-command")  # the demo draws its picture
     test_command = _command("test-command")
-    assert "pytest" in test_command and "--slow" in test_command
+    # the fast default, with the slowest tests printed; CI adds the slow ones
+    assert "pytest" in test_command and "--durations" in test_command
+    assert "--slow" not in test_command
     ci = (ROOT / ".ci" / "run").read_text()
     assert "readme_command test-command" in ci and 'eval "$test_command"' in ci
+    assert "pytest -n auto --slow -m slow" in ci
+
+
+def test_install_comes_before_the_first_import():
+    install = README.index("## Install\n")
+    first_import = re.search(r"^import .*jaxclip", README, re.M).start()
+    assert install < first_import and install < README.index("## Quickstart")
+    assert "python -m pip install ." in README[install:].split("\n## ", 1)[0]
