@@ -22,7 +22,7 @@ from jaxclip.adaptive import (
 )
 from jaxclip.agc import agc
 from jaxclip.diagnostics import GradReport, diagnose
-from jaxclip.fixed import clip_by_global_norm, clip_by_norm, clip_by_value
+from jaxclip.fixed import clip_by_global_norm, clip_by_norm, clip_by_value, clip_tree
 from jaxclip.guards import SkipOnSpikeState, skip_on_spike
 from jaxclip.norms import global_norm, leaf_norms
 from jaxclip.per_example import (
@@ -54,6 +54,7 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",
+    "clip_tree",
     "clipped_gradient_sum",
     "diagnose",
     "get_stats",

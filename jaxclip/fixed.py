@@ -108,6 +108,76 @@ def clip_by_global_norm(
     return _clip.rule_clipper(owner, rule, scale_fn, policy, where, p=p, initial_threshold=max_norm)
 
 
+def clip_tree(
+    tree: Any,
+    max_norm: Scalar,
+    *,
+    norm: Scalar | None = None,
+    ord: float | str | None = None,
+    eps: Scalar = 0.0,
+    nonfinite: str = "propagate",
+) -> tuple[Any, ClipStats]:
+    """Clips ``tree`` by its global norm once, as a function: for hand-written loops.
+
+    The rule of :func:`clip_by_global_norm`, without a transformation's state.
+    Given ``norm`` (a global norm the loop already computed, e.g. to log it, as
+    PyTorch's ``get_total_norm`` then ``clip_grads_with_norm_``), the tree is
+    scaled by it without measuring it again.
+
+    Args:
+      tree: a pytree of floating-point arrays.
+      max_norm: the threshold, >= 0 (a number or a scalar array; ``inf`` never
+        clips).
+      norm: the tree's global norm, if already known (used as given); None:
+        measured here, robustly, in float32 (float64 for float64 leaves).
+      ord: the norm to measure when ``norm`` is None, as in
+        :func:`clip_by_global_norm`.
+      eps: as in :func:`clip_by_global_norm` (``1e-6`` gives PyTorch's rule).
+      nonfinite: as in :func:`clip_by_global_norm`; with ``norm`` given, a
+        non-finite ``norm`` is what makes the step non-finite.
+
+    Returns:
+      ``(clipped_tree, stats)``: each leaf in its own dtype, and a one-step
+      :class:`~jaxclip.ClipStats` (pre-clip norm, threshold, scale, clipped).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxclip
+      >>> grads = {"g": jnp.array([6.0, 8.0])}
+      >>> norm = jaxclip.global_norm(grads)  # logged by the loop
+      >>> clipped, stats = jaxclip.clip_tree(grads, 5.0, norm=norm)
+      >>> clipped["g"].tolist(), float(stats.scale)
+      ([3.0, 4.0], 0.5)
+    """
+    owner = "jaxclip.clip_tree"
+    _checks.check_scalar(owner, "max_norm", max_norm, minimum=0.0, allow_inf=True)
+    p = _checks.check_order(owner, ord)
+    _checks.check_scalar(owner, "eps", eps, minimum=0.0)
+    policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    if norm is None:
+        measured = _clip.measure(owner, tree, p, policy)
+    else:
+        flat = _checks.float_leaves(tree, owner)
+        given = jnp.asarray(norm)
+        if given.ndim != 0:
+            raise ValueError(f"{owner}: norm must be a scalar, got shape {given.shape}.")
+        given = given.astype(_norms.accumulation_dtype([x.dtype for _, x in flat]))
+        measured = _clip.Measured(
+            [path for path, _ in flat], [x for _, x in flat], given, jnp.isfinite(given)
+        )
+    threshold = _apply.as_array(max_norm, measured.norm.dtype)
+    scale = _apply.scale_for(measured.norm, threshold, eps=eps)
+    out = _clip.rescale(owner, tree, measured, scale, policy)
+    stats = next_stats(
+        initial_stats(measured.norm.dtype, threshold),
+        norm=measured.norm,
+        threshold=threshold,
+        scale=out.scale,
+        clipped=out.clipped,
+        finite=measured.finite,
+    )
+    return out.updates, stats
+
+
 def clip_by_norm(
     max_norm: Threshold,
     *,

@@ -22,6 +22,7 @@ class SkipOnSpikeState(NamedTuple):
     losses: Array  # float[W]: the latest finite losses (ring buffer)
     norm_count: Array  # int32[]: finite norms seen
     loss_count: Array  # int32[]: finite losses seen
+    consecutive_skips: Array  # int32[]: steps skipped in a row up to this one
     stats: ClipStats
 
 
@@ -49,6 +50,7 @@ def skip_on_spike(
     window: int = 128,
     factor: Any = 6.0,
     *,
+    max_consecutive_skips: int | None = None,
     axis_name: Any = None,
     replicated: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -60,8 +62,12 @@ def skip_on_spike(
     e.g. Adam's moments and step count do not move) when the norm or the loss
     is more than ``factor`` standard deviations (unbiased) above the mean of
     its window, once the window holds at least ``window // 2`` values. A step
-    with a non-finite norm or loss is always skipped. The windows keep filling
-    on skipped steps (non-finite values are left out).
+    with a non-finite norm or loss is skipped too. The windows keep filling
+    on skipped steps (non-finite values are left out). With
+    ``max_consecutive_skips``, a step that would be the next skip after that many
+    in a row is taken instead, as ``optax.apply_if_finite`` does with
+    ``max_consecutive_errors``: a run whose norms rose for good, or stay
+    non-finite, then moves on (or visibly fails) instead of freezing.
 
     Args:
       inner: the transformation to guard, typically the whole optimizer,
@@ -69,6 +75,9 @@ def skip_on_spike(
       window: the window length, a Python int >= 2 (static: it fixes the state's
         shape).
       factor: how many standard deviations above the mean count as a spike, > 0.
+      max_consecutive_skips: None (default: no limit) or an int >= 0: the most
+        steps skipped in a row; the next is taken and counted in
+        ``stats.extra["forced_steps"]``.
       axis_name: for a gradient sharded over mapped axes (``shard_map``,
         ``pmap``): the axes over which the norm is summed, so that every device
         takes the same decision. The loss must then be the same on every device
@@ -82,7 +91,8 @@ def skip_on_spike(
       ``clipped`` means skipped (``clipped_steps`` counts skips), ``scale`` is 0
       on skipped steps, ``threshold`` is the norm above which a step is skipped,
       and ``extra`` has the windows' ``norm_mean``, ``norm_std``,
-      ``loss_mean``, ``loss_std`` and this step's ``loss``.
+      ``loss_mean``, ``loss_std``, this step's ``loss`` and ``forced_steps``
+      (steps taken because of ``max_consecutive_skips``, so far).
 
     Example:
       >>> import jax.numpy as jnp, optax, jaxclip
@@ -99,10 +109,14 @@ def skip_on_spike(
     """
     owner = "jaxclip.skip_on_spike"
     window = _checks.check_static_int(owner, "window", window, 2)
+    if max_consecutive_skips is not None:
+        max_consecutive_skips = _checks.check_static_int(
+            owner, "max_consecutive_skips", max_consecutive_skips, 0
+        )
     _checks.check_scalar(owner, "factor", factor, minimum=0.0, strict=True)
     where = _clip.mapped(owner, axis_name, replicated)
     inner = optax.with_extra_args_support(inner)
-    extra_names = ("norm_mean", "norm_std", "loss_mean", "loss_std", "loss")
+    extra_names = ("norm_mean", "norm_std", "loss_mean", "loss_std", "loss", "forced_steps")
 
     def init_fn(params: Any) -> SkipOnSpikeState:
         dtype = _clip.stats_dtype(params)
@@ -113,6 +127,7 @@ def skip_on_spike(
             losses=jnp.zeros((window,), dtype),
             norm_count=jnp.zeros((), jnp.int32),
             loss_count=jnp.zeros((), jnp.int32),
+            consecutive_skips=jnp.zeros((), jnp.int32),
             stats=initial_stats(dtype, extra=extra),
         )
 
@@ -146,6 +161,11 @@ def skip_on_spike(
             skip = skip | ~loss_finite | loss_spike
             losses, loss_count = _push(state.losses, state.loss_count, loss_value, loss_finite)
         norms, norm_count = _push(state.norms, state.norm_count, norm, norm_finite)
+        forced = jnp.zeros((), bool)
+        if max_consecutive_skips is not None:
+            forced = skip & (state.consecutive_skips >= max_consecutive_skips)
+            skip = skip & ~forced
+        consecutive = jnp.where(skip, state.consecutive_skips + 1, 0)
 
         def take(_: None) -> tuple[Any, Any]:
             return inner.update(updates, state.inner, params, **extra_args)
@@ -174,10 +194,11 @@ def skip_on_spike(
                 "loss_mean": loss_mean,
                 "loss_std": loss_std,
                 "loss": loss_value,
+                "forced_steps": state.stats.extra["forced_steps"] + forced.astype(dtype),
             },
         )
         return new_updates, SkipOnSpikeState(
-            new_inner, norms, losses, norm_count, loss_count, stats
+            new_inner, norms, losses, norm_count, loss_count, consecutive, stats
         )
 
     return _clip.transformation_with_extra_args(init_fn, update_fn)

@@ -112,9 +112,10 @@ def adagc(unit_norms, lambda_rel=1.04, beta=0.99, warmup_steps=100, warmup_max_n
     return out
 
 
-def skip_on_spike(norms, losses=None, window=128, factor=6.0):
+def skip_on_spike(norms, losses=None, window=128, factor=6.0, max_consecutive_skips=None):
     """Per step: whether the step is skipped."""
     norm_window, loss_window, out = [], [], []
+    in_a_row = 0
     for i, n in enumerate(norms):
         loss = None if losses is None else losses[i]
         skip = not math.isfinite(n)
@@ -131,6 +132,9 @@ def skip_on_spike(norms, losses=None, window=128, factor=6.0):
                 loss_window.append(loss)
         if math.isfinite(n):
             norm_window.append(n)
+        if skip and max_consecutive_skips is not None and in_a_row >= max_consecutive_skips:
+            skip = False  # as optax.apply_if_finite: past the limit the step is taken
+        in_a_row = in_a_row + 1 if skip else 0
         out.append(skip)
     return out
 

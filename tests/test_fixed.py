@@ -667,3 +667,64 @@ def test_statistics_after_init_none_keep_float64_norms(factory):
         stats = jaxclip.get_stats(state)
         assert stats.norm.dtype == jnp.float64
         assert float(stats.norm) == pytest.approx(6e200, rel=1e-12)
+
+
+# -- clip_tree: the functional form ---------------------------------------------------------
+
+
+def _tree(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "w": jnp.asarray(rng.normal(size=(4, 3)) * 3, jnp.float32),
+        "b": jnp.asarray(rng.normal(size=3), jnp.bfloat16),
+    }
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("max_norm", [0.5, 100.0, float("inf")])
+def test_clip_tree_equals_the_transformation(jit, max_norm):
+    tree = _tree()
+    clip = jax.jit(jaxclip.clip_tree, static_argnums=1) if jit else jaxclip.clip_tree
+    out, stats = clip(tree, max_norm)
+    tx = jaxclip.clip_by_global_norm(max_norm)
+    want, want_stats = tx.update(tree, tx.init(None))
+    chex.assert_trees_all_equal(out, want)
+    for field in ("norm", "threshold", "scale", "clipped", "finite", "clipped_steps"):
+        assert getattr(stats, field) == getattr(want_stats, field), field
+    assert int(stats.step) == 1 and out["b"].dtype == jnp.bfloat16
+
+
+def test_clip_tree_uses_the_norm_it_is_given():
+    """A norm the loop already has (PyTorch's clip_grads_with_norm_): used as given."""
+    tree = {"g": jnp.array([6.0, 8.0])}  # norm 10
+    out, stats = jax.jit(lambda t, n: jaxclip.clip_tree(t, 5.0, norm=n))(tree, 20.0)
+    np.testing.assert_allclose(out["g"], [1.5, 2.0], rtol=1e-6)  # scaled by 5 / 20
+    assert float(stats.norm) == 20.0 and float(stats.scale) == 0.25 and bool(stats.clipped)
+    # PyTorch's rule: min(1, max_norm / (norm + 1e-6)), in float32
+    out, _ = jaxclip.clip_tree(tree, 5.0, norm=jaxclip.global_norm(tree), eps=1e-6)
+    coef = np.float32(5.0) * (np.float32(1) / (np.float32(10.0) + np.float32(1e-6)))
+    np.testing.assert_array_equal(out["g"], np.float32([6.0, 8.0]) * coef)
+    out, stats = jaxclip.clip_tree(tree, 5.0, norm=4.0)  # below the threshold: unchanged
+    np.testing.assert_array_equal(out["g"], [6.0, 8.0])
+    assert not bool(stats.clipped)
+
+
+def test_clip_tree_non_finite_norm_follows_the_policy():
+    tree = {"g": jnp.array([6.0, 8.0])}
+    out, stats = jaxclip.clip_tree(tree, 5.0, norm=float("nan"), nonfinite="skip")
+    np.testing.assert_array_equal(out["g"], [0.0, 0.0])
+    assert not bool(stats.finite) and int(stats.nonfinite_steps) == 1
+    out, _ = jaxclip.clip_tree({"g": jnp.array([jnp.inf, 3.0, 4.0])}, 1.0, nonfinite="zero")
+    np.testing.assert_allclose(out["g"], [0.0, 0.6, 0.8], rtol=1e-6)
+
+
+def test_clip_tree_refuses_bad_arguments():
+    tree = {"g": jnp.ones(2)}
+    with pytest.raises(ValueError, match="norm must be a scalar"):
+        jaxclip.clip_tree(tree, 1.0, norm=jnp.ones(2))
+    with pytest.raises(ValueError, match="max_norm must be >= 0"):
+        jaxclip.clip_tree(tree, -1.0)
+    with pytest.raises(ValueError, match="nonfinite"):
+        jaxclip.clip_tree(tree, 1.0, nonfinite="ignore")
+    with pytest.raises(TypeError, match=r"\['n'\] has dtype int32"):
+        jaxclip.clip_tree({"n": jnp.ones(2, jnp.int32)}, 1.0)

@@ -12,19 +12,19 @@ from _helpers import np_norm
 import jaxclip
 
 
-def _run_skip(norms, losses, window, factor):
-    tx = jaxclip.skip_on_spike(optax.sgd(1.0), window=window, factor=factor)
+def _run_skip(norms, losses, window, factor, **kwargs):
+    tx = jaxclip.skip_on_spike(optax.sgd(1.0), window=window, factor=factor, **kwargs)
     state = tx.init(jnp.zeros(1))
     update = jax.jit(tx.update)
     skipped = []
     for i, n in enumerate(norms):
-        kwargs = {} if losses is None else {"loss": jnp.float32(losses[i])}
-        out, state = update(jnp.array([n], jnp.float32), state, **kwargs)
+        loss = {} if losses is None else {"loss": jnp.float32(losses[i])}
+        out, state = update(jnp.array([n], jnp.float32), state, **loss)
         skipped.append(bool(state.stats.clipped))
         if skipped[-1]:
             assert float(out[0]) == 0.0
         else:
-            assert float(out[0]) == pytest.approx(-n)
+            np.testing.assert_allclose(float(out[0]), -n, rtol=1e-6)  # NaN where n is
     return skipped, state
 
 
@@ -39,6 +39,30 @@ def test_skip_on_spike_matches_the_rule():
     assert skipped == expected
     assert skipped[40] and skipped[57] and not any(skipped[:8])
     assert int(state.stats.clipped_steps) == sum(expected)
+
+
+@pytest.mark.parametrize("limit", [0, 2, 5])
+def test_skip_on_spike_gives_up_after_too_many_skips_in_a_row(limit):
+    """Norms that rise for good (and a run of NaN): past the limit a step is taken and
+    counted, as optax.apply_if_finite does with max_consecutive_errors."""
+    norms = [1.0 + 0.05 * (i % 3) for i in range(12)] + [50.0] * 8
+    norms += [float("nan")] * 8 + [1.0] * 4
+    skipped, state = _run_skip(norms, None, window=8, factor=3.0, max_consecutive_skips=limit)
+    expected = ref.skip_on_spike(norms, window=8, factor=3.0, max_consecutive_skips=limit)
+    assert skipped == expected
+    unlimited = ref.skip_on_spike(norms, window=8, factor=3.0)
+    forced = sum(u and not s for u, s in zip(unlimited, skipped))
+    assert forced > 0 and float(state.stats.extra["forced_steps"]) == forced
+    longest = max(len(run) for run in "".join("x" if s else "." for s in skipped).split("."))
+    assert longest <= limit
+    if limit == 0:
+        assert not any(skipped)
+
+
+def test_skip_on_spike_refuses_a_bad_limit():
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="max_consecutive_skips"):
+            jaxclip.skip_on_spike(optax.sgd(1.0), max_consecutive_skips=bad)
 
 
 def test_skip_on_spike_leaves_the_inner_state_unchanged():
