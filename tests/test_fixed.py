@@ -672,7 +672,7 @@ def test_statistics_after_init_none_keep_float64_norms(factory):
 # -- clip_tree: the functional form ---------------------------------------------------------
 
 
-def _tree(seed=0):
+def _mixed_tree(seed=0):
     rng = np.random.default_rng(seed)
     return {
         "w": jnp.asarray(rng.normal(size=(4, 3)) * 3, jnp.float32),
@@ -683,7 +683,7 @@ def _tree(seed=0):
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("max_norm", [0.5, 100.0, float("inf")])
 def test_clip_tree_equals_the_transformation(jit, max_norm):
-    tree = _tree()
+    tree = _mixed_tree()
     clip = jax.jit(jaxclip.clip_tree, static_argnums=1) if jit else jaxclip.clip_tree
     out, stats = clip(tree, max_norm)
     tx = jaxclip.clip_by_global_norm(max_norm)
