@@ -17,6 +17,7 @@ learns what another one measured.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -228,12 +229,13 @@ class Selected(NamedTuple):
 
 
 class Units(NamedTuple):
-    """Selected leaves and the norms of their units, per leaf in leaf order."""
+    """Selected leaves and the norms of their units, as vectors (see ``_norms.UnitNorms``)."""
 
     selected: Selected
-    norms: list[Array]  # one per leaf, or a single one for the whole gradient
-    weight_norms: list[Array] | None
+    norms: Array  # [units], leaf after leaf; a single unit with ``whole``
+    weight_norms: Array | None  # [units], of the weights
     step_finite: Array  # bool[]: every element finite
+    shapes: tuple[tuple[int, ...], ...] | None  # per leaf, its units' shape; None: whole
 
 
 def measure_units(
@@ -257,7 +259,7 @@ def measure_units(
             axis_name=where.axis_name,
             replicated=where.flags(owner, paths, leaves),
         )
-        return Units(selected, [norm], None, finite)
+        return Units(selected, norm[None], None, finite, None)
     arrays, axes = list(leaves), list(selected.axes)
     flags = where.flags(owner, paths, leaves)
     if selected.weights is not None:
@@ -273,24 +275,26 @@ def measure_units(
         axis_name=where.axis_name,
         replicated=flags,
     )
-    n = len(leaves)
-    finite = [jnp.all(f) for f in measured.finite[:n]]  # each reduced where it lies
-    step_finite = jnp.all(_norms.joined(finite)) if finite else jnp.array(True)
+    shapes = measured.shapes[: len(leaves)]
+    n = sum(math.prod(s) for s in shapes)
     weights = measured.norms[n:] if selected.weights is not None else None
-    return Units(selected, measured.norms[:n], weights, step_finite)
+    step_finite = jnp.all(measured.finite[:n])
+    return Units(selected, measured.norms[:n], weights, step_finite, shapes)
 
 
-def rescale_units(
-    owner: str, updates: Any, units: Units, scales: list[_apply.Factor], policy: str
-) -> Any:
+def rescale_units(owner: str, updates: Any, units: Units, scale: _apply.Factor, policy: str) -> Any:
     """Multiplies each leaf by its units' scales (one for all with a single unit)."""
     paths, leaves = units.selected.paths, units.selected.leaves
     if policy == "error":
         _apply.raise_if_nonfinite(owner, paths, leaves, units.step_finite)
-    per_leaf = scales if len(scales) == len(leaves) else scales * len(leaves)
+    if units.shapes is None:
+        per_leaf = [_apply.Factor(scale.value[0], scale.tiny[0])] * len(leaves)
+    else:
+        parts = [_norms.split(f, units.shapes) for f in scale]
+        per_leaf = [_apply.Factor(v, t) for v, t in zip(*parts)]
     new_leaves = [
-        _apply.apply_policy(x, scale, units.step_finite, policy)
-        for x, scale in zip(leaves, per_leaf)
+        _apply.apply_policy(x, factor, units.step_finite, policy)
+        for x, factor in zip(leaves, per_leaf)
     ]
     new_updates = _checks.replace_leaves(updates, paths, new_leaves)
     chex.assert_trees_all_equal_shapes_and_dtypes(new_updates, updates)
@@ -305,22 +309,11 @@ class UnitSummary(NamedTuple):
 
 
 def summarize_units(
-    units: Units, scales: list[_apply.Factor], p: float, policy: str, dtype: Any
+    units: Units, scale: _apply.Factor, p: float, policy: str, dtype: Any
 ) -> UnitSummary:
-    """The global view of a per-unit clip, from the unit norms alone (no pass over data).
-
-    The unit norms and their scales are each joined into one vector first: a few
-    operations on one vector compile far faster than a few per leaf."""
-
-    def flat(per_unit: list[Array]) -> Array:
-        if not per_unit:
-            return jnp.zeros((0,), dtype)
-        return _norms.joined(
-            [jnp.broadcast_to(a, n.shape).astype(dtype) for a, n in zip(per_unit, units.norms)]
-        )
-
-    norms = flat(units.norms)
-    factor = _apply.Factor(flat([s.value for s in scales]), flat([s.tiny for s in scales]))
+    """The global view of a per-unit clip, from the unit norms alone (no pass over data)."""
+    norms = units.norms.astype(dtype)
+    factor = _apply.Factor(*(f.astype(dtype) for f in scale))
     before = _norms.combine_norms([norms], p)
     after = _norms.combine_norms([_apply.multiply(norms, factor)], p)
     ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), jnp.ones_like(before))
@@ -333,16 +326,15 @@ def summarize_units(
     )
 
 
-def largest(arrays: list[Array], dtype: Any) -> Array:
-    """The largest element of ``arrays`` as a ``dtype`` scalar (0 if there is none)."""
-    values = [jnp.max(a).astype(dtype) for a in arrays if a.size]  # each where it lies
-    return jnp.max(_norms.joined(values)) if values else jnp.zeros((), dtype)
+def largest(values: Array, dtype: Any) -> Array:
+    """The largest of ``values`` as a ``dtype`` scalar (0 if there is none)."""
+    return jnp.max(values).astype(dtype) if values.size else jnp.zeros((), dtype)
 
 
 class UnitDecision(NamedTuple):
     """What a per-unit clipper's rule decides at one step."""
 
-    scales: list[_apply.Factor]  # per entry of Units.norms, broadcastable to it
+    scale: _apply.Factor  # per unit, shaped as Units.norms
     threshold: Array  # the threshold to record
     rule: Any  # the rule's next state (kept only on finite steps)
     extra: dict[str, Array]  # the rule's statistics (``decide`` sees ``units.step_finite``)
@@ -384,8 +376,8 @@ def unit_clipper(
         selected = select(updates, params)
         units = measure_units(owner, selected, p, policy, where, whole, zero_sums_are_zero)
         decision = decide(rule, units, stats.step)
-        new_updates = rescale_units(owner, updates, units, decision.scales, policy)
-        summary = summarize_units(units, decision.scales, p, policy, stats.norm.dtype)
+        new_updates = rescale_units(owner, updates, units, decision.scale, policy)
+        summary = summarize_units(units, decision.scale, p, policy, stats.norm.dtype)
         keep = units.step_finite
         stats = next_stats(
             stats,

@@ -402,32 +402,22 @@ def adagc(
     def decide(rule: tuple[Array, Array], units: _clip.Units, count: Array) -> _clip.UnitDecision:
         gamma, seen = rule
         dtype = gamma.dtype
-        sizes = [n.size for n in units.norms]
-        if sum(sizes) != gamma.shape[0]:
+        if units.norms.size != gamma.shape[0]:
             raise ValueError(
-                f"{owner}: the gradient has {sum(sizes)} units but the state was built "
+                f"{owner}: the gradient has {units.norms.size} units but the state was built "
                 f"for {gamma.shape[0]}; call init with parameters of the gradient's "
                 "structure and shapes (and the same layer_axis)."
             )
         warming = seen < jnp.asarray(warmup_steps)
         limit = _apply.as_array(warmup_max_norm, dtype)
-        norms = [n.astype(dtype) for n in units.norms]
-        flat = _norms.joined(norms) if norms else jnp.zeros((0,), dtype)
-        norm = _norms.combine_norms(norms, 2.0)
-        warmup_scale = _apply.scale_for(norm, limit, eps=eps)
+        norms = units.norms.astype(dtype)
+        warmup_scale = _apply.scale_for(_norms.combine_norms([norms], 2.0), limit, eps=eps)
         step = _rules.adagc_units(
-            flat, gamma, warming, seen == 0, warmup_scale, lambda_rel, beta, eps
+            norms, gamma, warming, seen == 0, warmup_scale, lambda_rel, beta, eps
         )
-        # held apart: each leaf's slice of them would otherwise recompute them all
-        value, tiny = jax.lax.optimization_barrier(
-            (jnp.where(jnp.isnan(flat), jnp.nan, step.scale.value), step.scale.tiny)
+        scale = _apply.Factor(
+            jnp.where(jnp.isnan(norms), jnp.nan, step.scale.value), step.scale.tiny
         )
-        scales, start = [], 0
-        for n in units.norms:
-            part = slice(start, start + n.size)
-            factors = (f[part].reshape(n.shape).astype(n.dtype) for f in (value, tiny))
-            scales.append(_apply.Factor(*factors))
-            start += n.size
         new_gamma = jnp.where(units.step_finite, step.gamma, gamma)
         limits = _apply.as_array(lambda_rel, dtype) * gamma
         extra = {
@@ -436,7 +426,7 @@ def adagc(
             "warmup": warming.astype(dtype),
         }
         threshold = jnp.where(warming, limit, jnp.sqrt(jnp.sum(limits * limits)))
-        return _clip.UnitDecision(scales, threshold, (step.gamma, seen + 1), extra)
+        return _clip.UnitDecision(scale, threshold, (step.gamma, seen + 1), extra)
 
     return _clip.unit_clipper(
         owner,

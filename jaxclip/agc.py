@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclip import _apply, _checks, _clip, _norms
+from jaxclip import _apply, _checks, _clip
 
 Array = jax.Array
 
@@ -149,17 +149,14 @@ def agc(
     def decide(rule: None, units: _clip.Units, count: Array) -> _clip.UnitDecision:
         del count
         assert units.weight_norms is not None
-        dtype = _norms.accumulation_dtype([n.dtype for n in units.norms])
-        scales, ratios = [], []
-        for g_norm, w_norm in zip(units.norms, units.weight_norms):
-            w_star = jnp.maximum(w_norm.astype(g_norm.dtype), jnp.asarray(eps, g_norm.dtype))
-            limit = jnp.asarray(clipping, g_norm.dtype) * w_star
-            # as optax.adaptive_grad_clip: the norm held at 1e-6 in the division
-            d = jnp.maximum(g_norm, 1e-6)
-            scales.append(_apply.as_factor(jnp.where(g_norm < limit, 1, limit / d), limit, d))
-            ratios.append(g_norm / w_star)
-        extra = {"max_ratio": _clip.largest(ratios, dtype)}
-        return _clip.UnitDecision(scales, _apply.as_array(clipping, dtype), rule, extra)
+        g_norm, dtype = units.norms, units.norms.dtype
+        w_star = jnp.maximum(units.weight_norms, jnp.asarray(eps, dtype))
+        limit = jnp.asarray(clipping, dtype) * w_star
+        # as optax.adaptive_grad_clip: the norm held at 1e-6 in the division
+        d = jnp.maximum(g_norm, 1e-6)
+        scale = _apply.as_factor(jnp.where(g_norm < limit, 1, limit / d), limit, d)
+        extra = {"max_ratio": _clip.largest(g_norm / w_star, dtype)}
+        return _clip.UnitDecision(scale, _apply.as_array(clipping, dtype), rule, extra)
 
     return _clip.unit_clipper(
         owner,

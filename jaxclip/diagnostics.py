@@ -106,17 +106,17 @@ def diagnose(grads: Any) -> GradReport:
     """
     flat = _checks.float_leaves(grads, "jaxclip.diagnose", "grads")
     paths, leaves = [p for p, _ in flat], [x for _, x in flat]
-    per_leaf = _norms.unit_norms(leaves, 2.0, [None] * len(leaves))
-    norms = [n.astype(jnp.float32) for n in per_leaf.norms]
+    measured = _norms.unit_norms(leaves, 2.0, [None] * len(leaves))
+    stacked = measured.norms.astype(jnp.float32)
+    norms = measured.per_leaf(stacked)
     nan_count = [jnp.sum(jnp.isnan(x), dtype=jnp.int32) for x in leaves]
     inf_count = [jnp.sum(jnp.isinf(x), dtype=jnp.int32) for x in leaves]
     if norms:
-        stacked = jnp.stack(norms)
         median = jnp.nanmedian(jnp.where(jnp.isfinite(stacked), stacked, jnp.nan))
         median = jnp.where(jnp.isnan(median), 0.0, median)
     else:
         median = jnp.zeros((), jnp.float32)
-    global_norm = _norms.combine_norms(norms, 2.0).astype(jnp.float32)
+    global_norm = _norms.combine_norms([stacked], 2.0).astype(jnp.float32)
     return GradReport(
         global_norm=global_norm,
         leaf_norms=_checks.replace_leaves(grads, paths, norms),

@@ -240,11 +240,9 @@ def clip_by_norm(
         return _clip.Selected(paths, leaves, _checks.normalize_axes(owner, paths, leaves, axis_t))
 
     def decide(rule: None, units: _clip.Units, count: Array) -> _clip.UnitDecision:
-        dtype = _norms.accumulation_dtype([n.dtype for n in units.norms])
-        threshold = _apply.as_array(max_norm, dtype, count)
-        scales = [_apply.scale_for(n, threshold.astype(n.dtype)) for n in units.norms]
-        extra = {"max_unit_norm": _clip.largest(units.norms, dtype)}
-        return _clip.UnitDecision(scales, threshold, rule, extra)
+        threshold = _apply.as_array(max_norm, units.norms.dtype, count)
+        extra = {"max_unit_norm": _clip.largest(units.norms, units.norms.dtype)}
+        return _clip.UnitDecision(_apply.scale_for(units.norms, threshold), threshold, rule, extra)
 
     return _clip.unit_clipper(
         owner,

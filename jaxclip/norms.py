@@ -75,7 +75,10 @@ def leaf_norms(
     paths = [path for path, _ in flat]
     leaves = [x for _, x in flat]
     axes = _checks.normalize_axes(owner, paths, leaves, axis_t)
-    norms = _norms.unit_norms(leaves, p, axes).norms
+    measured = _norms.unit_norms(leaves, p, axes)
+    norms = [
+        n.astype(_norms.accumulation_dtype([x.dtype])) for n, x in zip(measured.per_leaf(), leaves)
+    ]
     if not keepdims:
         norms = [jnp.squeeze(n, a) if a is not None else n for n, a in zip(norms, axes)]
     return _checks.replace_leaves(tree, paths, norms)

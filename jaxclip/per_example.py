@@ -56,8 +56,8 @@ def _example_norms(owner: str, grads: Any, axis_name: Any) -> tuple[list[Any], l
     axes = [tuple(range(1, max(x.ndim, 2))) for x in leaves]
     rows = [x[:, None] if x.ndim == 1 else x for x in leaves]
     measured = _norms.unit_norms(rows, 2.0, axes, axis_name=axis_name)
-    dtype = _norms.accumulation_dtype([x.dtype for x in leaves])
-    per_leaf = jnp.stack([n.reshape(n.shape[0]).astype(dtype) for n in measured.norms])
+    # one norm per example, leaf after leaf
+    per_leaf = measured.norms.reshape(len(rows), rows[0].shape[0])
     norms = _norms.norm_along(per_leaf, 2.0, axis=0)
     return paths, leaves, norms
 

@@ -429,3 +429,15 @@ def test_norms_of_large_units_keep_their_digits(shape, axis):
     got = jax.jit(lambda t: jaxclip.leaf_norms(t, axis=axis))(jnp.asarray(x))
     want = np.sqrt(np.sum(x.astype(np.float64) ** 2, axis=axis))
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_per_unit_norms_near_the_top_of_the_range_combine_to_their_norm(dtype):
+    # the largest norms' power of two must have a normal reciprocal, or XLA's
+    # multiply by it flushes every term to zero
+    top = float(jnp.finfo(dtype).max)
+    with float64_enabled():
+        norms = jnp.array([0.15 * top, 0.65 * top], dtype)
+        got = float(_norms.combine_norms([norms], 2.0))
+    want = float(np.hypot(0.15, 0.65)) * top
+    assert got == pytest.approx(want, rel=1e-6)
