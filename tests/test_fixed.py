@@ -687,7 +687,8 @@ def test_clip_tree_equals_the_transformation(jit, max_norm):
     clip = jax.jit(jaxclip.clip_tree, static_argnums=1) if jit else jaxclip.clip_tree
     out, stats = clip(tree, max_norm)
     tx = jaxclip.clip_by_global_norm(max_norm)
-    want, want_stats = tx.update(tree, tx.init(None))
+    update = jax.jit(tx.update) if jit else tx.update  # XLA may round a jitted norm apart
+    want, want_stats = update(tree, tx.init(None))
     chex.assert_trees_all_equal(out, want)
     for field in ("norm", "threshold", "scale", "clipped", "finite", "clipped_steps"):
         assert getattr(stats, field) == getattr(want_stats, field), field

@@ -196,12 +196,12 @@ def check_jit_2d_mesh():
         state = tx.init(params)
         update = jax.jit(tx.update)
         hlo = update.lower(put(stream[0]), state, put(params)).compile().as_text()
-        for op in ("all-to-all", "collective-permute"):
-            assert op not in hlo, f"{name}: the compiled step has {op}"
+        collective = r" (all-reduce|all-gather|all-to-all|collective-permute)(-start)?\("
         for line in hlo.splitlines():
-            # all-reduces of partial sums; all-gathers of unit norms for the statistics
-            if re.search(r" (all-reduce|all-gather)(-start)?\(", line):
-                shapes = re.split(r" all-(?:reduce|gather)", line.split("=")[1])[0]
+            # all-reduces of partial sums; unit norms gathered or moved for the statistics
+            # and the scales (a compiler may move the few values of a sharded vector)
+            if re.search(collective, line):
+                shapes = re.split(collective, line.split("=")[1])[0]
                 # a norm's partial sums: scalars, or one value per unit (w has 6 columns)
                 sizes = [
                     int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
