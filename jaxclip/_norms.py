@@ -267,7 +267,7 @@ class UnitNorms(NamedTuple):
         return split(self.norms if values is None else values, self.shapes)
 
 
-def norm_shape(shape: tuple[int, ...], axes: Axes) -> tuple[int, ...]:
+def _norm_shape(shape: tuple[int, ...], axes: Axes) -> tuple[int, ...]:
     """The shape of a leaf's unit norms: () for the whole leaf, else the leaf's
     shape with the unit axes kept as size-1 dimensions (it broadcasts)."""
     if axes is None:
@@ -318,7 +318,7 @@ def unit_norms(
     Returns:
       A :class:`UnitNorms`, in the accumulation dtype of all the leaves.
     """
-    shapes = tuple(norm_shape(x.shape, a) for x, a in zip(leaves, axes))
+    shapes = tuple(_norm_shape(x.shape, a) for x, a in zip(leaves, axes))
     acc = accumulation_dtype([x.dtype for x in leaves])
     if not leaves:
         return UnitNorms(jnp.zeros((0,), acc), jnp.zeros((0,), bool), shapes)
