@@ -54,6 +54,7 @@ def check_scalar(
     minimum: float | None = None,
     strict: bool = False,
     maximum: float | None = None,
+    below: float | None = None,
     allow_inf: bool = False,
 ) -> None:
     """Raises ValueError if a scalar hyperparameter is out of its range.
@@ -65,6 +66,7 @@ def check_scalar(
       minimum: lowest allowed value (inclusive unless ``strict``).
       strict: whether ``minimum`` itself is excluded.
       maximum: highest allowed value (inclusive).
+      below: the value must be less than this.
       allow_inf: whether +inf is acceptable.
     """
     if isinstance(value, bool) or (
@@ -96,6 +98,8 @@ def check_scalar(
         raise ValueError(f"{owner}: {name} must be {relation} {minimum}, got {v}.")
     if maximum is not None and v > maximum:
         raise ValueError(f"{owner}: {name} must be <= {maximum}, got {v}.")
+    if below is not None and v >= below:
+        raise ValueError(f"{owner}: {name} must be < {below}, got {v}.")
 
 
 def check_threshold(owner: str, name: str, value: Any, allow_inf: bool = True) -> None:
@@ -192,8 +196,10 @@ def path_str(path: Sequence[Any]) -> str:
     return s if s else "<root>"
 
 
-def float_leaves(tree: Any, owner: str, what: str = "updates") -> list[tuple[Any, jax.Array]]:
-    """Returns ``(path, leaf)`` for every leaf, refusing non-floating leaves.
+def float_leaves(
+    tree: Any, owner: str, what: str = "updates"
+) -> tuple[list[Any], list[jax.Array]]:
+    """Returns the paths and the leaves of ``tree``, refusing non-floating leaves.
 
     ``None`` leaves and empty subtrees have no leaves and pass. Leaves of
     dtype ``float0`` (JAX's gradient of an integer input) carry no values and
@@ -202,7 +208,7 @@ def float_leaves(tree: Any, owner: str, what: str = "updates") -> list[tuple[Any
     Raises:
       TypeError: naming every integer, boolean or complex leaf.
     """
-    out, bad = [], []
+    paths, leaves, bad = [], [], []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         dtype = getattr(leaf, "dtype", None)
         if dtype is None:
@@ -212,7 +218,8 @@ def float_leaves(tree: Any, owner: str, what: str = "updates") -> list[tuple[Any
             continue
         if not jnp.issubdtype(dtype, jnp.floating):
             bad.append(f"{path_str(path)} has dtype {dtype}")
-        out.append((path, leaf))
+        paths.append(path)
+        leaves.append(leaf)
     if bad:
         leaves = "leaf " if len(bad) == 1 else "leaves "
         raise TypeError(
@@ -220,7 +227,7 @@ def float_leaves(tree: Any, owner: str, what: str = "updates") -> list[tuple[Any
             "leaves (float16, bfloat16, float32 or float64): cast them, or leave them out of "
             "the transform with optax.masked / optax.partition."
         )
-    return out
+    return paths, leaves
 
 
 def map_float_leaves(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:

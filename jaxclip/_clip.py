@@ -119,9 +119,7 @@ def measure(
     owner: str, updates: Any, p: float, policy: str, where: Mapped = NOT_MAPPED
 ) -> Measured:
     """Checks the leaves (at trace time) and computes the global p-norm."""
-    flat = _checks.float_leaves(updates, owner)
-    paths = [path for path, _ in flat]
-    leaves = [x for _, x in flat]
+    paths, leaves = _checks.float_leaves(updates, owner)
     norm, finite = _norms.global_norm_and_finite(
         leaves,
         p,

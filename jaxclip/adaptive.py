@@ -10,6 +10,7 @@ happens to the update.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -56,8 +57,7 @@ def autoclip(
         ``threshold / norm``.
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such norms never enter the history.
-      axis_name: the mapped axes a sharded gradient's norms are summed over
-        (``docs/guides/distributed.md``); None: not sharded.
+      axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` with state
@@ -137,8 +137,7 @@ def zclip(
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such steps leave the statistics
         unchanged.
-      axis_name: the mapped axes a sharded gradient's norms are summed over
-        (``docs/guides/distributed.md``); None: not sharded.
+      axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` with state
@@ -163,10 +162,7 @@ def zclip(
       Pre-Training", 2025 (arXiv:2504.02507).
     """
     owner = "jaxclip.zclip"
-    _checks.check_scalar(owner, "alpha", alpha, minimum=0.0)
-    alpha_value = _checks.concrete_value(alpha)
-    if alpha_value is not None and alpha_value >= 1:
-        raise ValueError(f"{owner}: alpha must be < 1, got {alpha_value}.")
+    _checks.check_scalar(owner, "alpha", alpha, minimum=0.0, below=1.0)
     _checks.check_scalar(owner, "z_thresh", z_thresh, minimum=0.0, strict=True)
     _checks.check_scalar(owner, "warmup_steps", warmup_steps, minimum=1)
     _checks.check_choice(owner, "mode", mode, ("zscore", "percentile"))
@@ -233,8 +229,7 @@ def quantile_clip(
       update: ``"geometric"`` or ``"arithmetic"``.
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such steps leave C unchanged.
-      axis_name: the mapped axes a sharded gradient's norms are summed over
-        (``docs/guides/distributed.md``); None: not sharded.
+      axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` with state
@@ -295,20 +290,6 @@ def _unit_axes(
     return out
 
 
-def _count_units(selected: _clip.Selected) -> int:
-    total = 0
-    for x, a in zip(selected.leaves, selected.axes):
-        total += 1 if a is None else x.size // max(1, _prod(x.shape[d] for d in a))
-    return total
-
-
-def _prod(values: Any) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
-
-
 def adagc(
     lambda_rel: Any = 1.04,
     beta: Any = 0.99,
@@ -348,8 +329,7 @@ def adagc(
         Each slice along that axis is then a unit with its own gamma.
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such steps leave gamma unchanged.
-      axis_name: the mapped axes a sharded gradient's norms are summed over
-        (``docs/guides/distributed.md``); None: not sharded.
+      axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` with state :class:`AdaGCState`; it
@@ -377,10 +357,7 @@ def adagc(
     """
     owner = "jaxclip.adagc"
     _checks.check_scalar(owner, "lambda_rel", lambda_rel, minimum=0.0, strict=True)
-    _checks.check_scalar(owner, "beta", beta, minimum=0.0)
-    beta_value = _checks.concrete_value(beta)
-    if beta_value is not None and beta_value >= 1:
-        raise ValueError(f"{owner}: beta must be < 1, got {beta_value}.")
+    _checks.check_scalar(owner, "beta", beta, minimum=0.0, below=1.0)
     _checks.check_scalar(owner, "warmup_steps", warmup_steps, minimum=1)
     _checks.check_threshold(owner, "warmup_max_norm", warmup_max_norm)
     _checks.check_scalar(owner, "eps", eps, minimum=0.0)
@@ -391,12 +368,17 @@ def adagc(
     where = _clip.mapped(owner, axis_name, replicated)
 
     def units_of(tree: Any, what: str) -> _clip.Selected:
-        flat = _checks.float_leaves(tree, owner, what)
-        paths, leaves = [p for p, _ in flat], [x for _, x in flat]
+        paths, leaves = _checks.float_leaves(tree, owner, what)
         return _clip.Selected(paths, leaves, _unit_axes(owner, paths, leaves, layer_axis))
 
     def init_rule(params: Any, dtype: Any) -> tuple[Array, Array]:
-        n_units = 1 if scope == "global" else _count_units(units_of(params, "params"))
+        n_units = 1
+        if scope == "leaf":
+            s = units_of(params, "params")
+            n_units = sum(
+                1 if a is None else x.size // math.prod(x.shape[d] for d in a)
+                for x, a in zip(s.leaves, s.axes)
+            )
         return jnp.zeros((n_units,), dtype), jnp.zeros((), jnp.int32)
 
     def decide(rule: tuple[Array, Array], units: _clip.Units, count: Array) -> _clip.UnitDecision:

@@ -88,8 +88,7 @@ def agc(
         classifier layer.
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`.
-      axis_name: the mapped axes a sharded gradient's norms are summed over
-        (``docs/guides/distributed.md``); None: not sharded.
+      axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` that needs ``params`` in ``update``.
@@ -127,10 +126,10 @@ def agc(
                 "update(grads, state, params) with the current parameters."
             )
         is_excluded = _excluded(owner, exclude, params)
-        param_by_path = {tuple(p): x for p, x in _checks.float_leaves(params, owner, "params")}
+        param_by_path = dict(zip(*_checks.float_leaves(params, owner, "params")))
         paths, leaves, weights = [], [], []
-        for path, g in _checks.float_leaves(updates, owner):
-            w = param_by_path.get(tuple(path))
+        for path, g in zip(*_checks.float_leaves(updates, owner)):
+            w = param_by_path.get(path)
             if w is None or w.shape != g.shape:
                 raise ValueError(
                     f"{owner}: gradient leaf {_checks.path_str(path)} of shape {g.shape} has "

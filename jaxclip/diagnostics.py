@@ -104,8 +104,7 @@ def diagnose(grads: Any) -> GradReport:
       >>> float(report.leaf_norms["dense"])
       5.0
     """
-    flat = _checks.float_leaves(grads, "jaxclip.diagnose", "grads")
-    paths, leaves = [p for p, _ in flat], [x for _, x in flat]
+    paths, leaves = _checks.float_leaves(grads, "jaxclip.diagnose", "grads")
     measured = _norms.unit_norms(leaves, 2.0, [None] * len(leaves))
     stacked = measured.norms.astype(jnp.float32)
     norms = measured.per_leaf(stacked)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,8 +64,7 @@ def clip_by_global_norm(
         The default leaves the policy to the user instead of hiding a broken
         step; note that ``"skip"`` still lets a following optimizer advance
         (e.g. AdamW's weight decay and moments).
-      axis_name: the mapped axes a sharded gradient's norms are summed over
-        (``docs/guides/distributed.md``); None: not sharded.
+      axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` whose state is a
@@ -156,14 +156,12 @@ def clip_tree(
     if norm is None:
         measured = _clip.measure(owner, tree, p, policy)
     else:
-        flat = _checks.float_leaves(tree, owner)
+        paths, leaves = _checks.float_leaves(tree, owner)
         given = jnp.asarray(norm)
         if given.ndim != 0:
             raise ValueError(f"{owner}: norm must be a scalar, got shape {given.shape}.")
-        given = given.astype(_norms.accumulation_dtype([x.dtype for _, x in flat]))
-        measured = _clip.Measured(
-            [path for path, _ in flat], [x for _, x in flat], given, jnp.isfinite(given)
-        )
+        given = given.astype(_norms.accumulation_dtype([x.dtype for x in leaves]))
+        measured = _clip.Measured(paths, leaves, given, jnp.isfinite(given))
     threshold = _apply.as_array(max_norm, measured.norm.dtype)
     scale = _apply.scale_for(measured.norm, threshold, eps=eps)
     out = _clip.rescale(owner, tree, measured, scale, policy)
@@ -206,8 +204,7 @@ def clip_by_norm(
         as usual; ``"skip"``: zero updates when any element is non-finite;
         ``"zero"``: non-finite elements set to zero; ``"error"``: raise, naming
         the leaves. See :func:`clip_by_global_norm`.
-      axis_name: the mapped axes a sharded gradient's norms are summed over
-        (``docs/guides/distributed.md``); None: not sharded.
+      axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation``. Its :class:`~jaxclip.ClipStats`
@@ -235,8 +232,7 @@ def clip_by_norm(
 
     def select(updates: Any, params: Any) -> _clip.Selected:
         del params
-        flat = _checks.float_leaves(updates, owner)
-        paths, leaves = [q for q, _ in flat], [x for _, x in flat]
+        paths, leaves = _checks.float_leaves(updates, owner)
         return _clip.Selected(paths, leaves, _checks.normalize_axes(owner, paths, leaves, axis_t))
 
     def decide(rule: None, units: _clip.Units, count: Array) -> _clip.UnitDecision:
@@ -256,12 +252,6 @@ def clip_by_norm(
         # a unit of elements too small to square still has a norm that 0 clips
         zero_sums_are_zero=_checks.concrete_value(max_norm) != 0,
     )
-
-
-def _reduce(fn: Callable[..., Array], arrays: list[Array], dtype: Any, empty: float) -> Array:
-    if not arrays:
-        return jnp.asarray(empty, dtype)
-    return fn(jnp.stack([fn(a).astype(dtype) for a in arrays]))
 
 
 def clip_by_value(
@@ -336,9 +326,7 @@ def clip_by_value(
 
     def update_fn(updates: Any, state: ClipStats, params: Any = None) -> tuple[Any, ClipStats]:
         del params
-        flat = _checks.float_leaves(updates, owner)
-        paths = [path for path, _ in flat]
-        leaves = [x for _, x in flat]
+        paths, leaves = _checks.float_leaves(updates, owner)
         his = _bound_leaves(owner, "max_value", max_value, updates, paths, leaves)
         if min_value is None:
             los = [-h for h in his]
@@ -407,7 +395,8 @@ def _largest(where: _clip.Mapped, flags: list[bool], leaves: list[Array], dtype:
 def _largest_bound(max_value: Any, min_value: Any, dtype: Any) -> Array:
     """The largest absolute value among the bounds."""
     bounds = jax.tree.leaves(max_value) + jax.tree.leaves(min_value)
-    return _reduce(jnp.max, [jnp.abs(jnp.asarray(b)) for b in bounds], dtype, 0.0)
+    largest = [jnp.max(jnp.abs(jnp.asarray(b))).astype(dtype) for b in bounds]
+    return functools.reduce(jnp.maximum, largest, jnp.zeros((), dtype))
 
 
 def _check_bounds(owner: str, max_value: Any, min_value: Any) -> None:

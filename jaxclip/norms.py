@@ -38,7 +38,7 @@ def global_norm(tree: Any, ord: float | str | None = 2) -> Array:
       500.0
     """
     p = _checks.check_order("jaxclip.global_norm", ord)
-    leaves = [x for _, x in _checks.float_leaves(tree, "jaxclip.global_norm", "tree")]
+    leaves = _checks.float_leaves(tree, "jaxclip.global_norm", "tree")[1]
     return _norms.global_norm_and_finite(leaves, p)[0]
 
 
@@ -71,9 +71,7 @@ def leaf_norms(
     owner = "jaxclip.leaf_norms"
     p = _checks.check_order(owner, ord)
     axis_t = _checks.check_axis(owner, axis)
-    flat = _checks.float_leaves(tree, owner, "tree")
-    paths = [path for path, _ in flat]
-    leaves = [x for _, x in flat]
+    paths, leaves = _checks.float_leaves(tree, owner, "tree")
     axes = _checks.normalize_axes(owner, paths, leaves, axis_t)
     measured = _norms.unit_norms(leaves, p, axes)
     norms = [

@@ -41,13 +41,12 @@ class ClippedSum(NamedTuple):
 
 def _example_norms(owner: str, grads: Any, axis_name: Any) -> tuple[list[Any], list[Array], Array]:
     """Each example's global L2 norm over all leaves; ``grads`` leaves have a batch axis."""
-    flat = _checks.float_leaves(grads, owner, "per-example gradients")
-    paths, leaves = [p for p, _ in flat], [x for _, x in flat]
+    paths, leaves = _checks.float_leaves(grads, owner, "per-example gradients")
     if not leaves:
         raise ValueError(f"{owner}: the per-example gradients have no floating-point leaves.")
     sizes = {x.shape[0] if x.ndim else None for x in leaves}
     if len(sizes) != 1 or None in sizes:
-        shapes = ", ".join(f"{_checks.path_str(p)}: {x.shape}" for p, x in flat)
+        shapes = ", ".join(f"{_checks.path_str(p)}: {x.shape}" for p, x in zip(paths, leaves))
         raise ValueError(
             f"{owner}: every leaf needs the same leading batch axis (the output of "
             f"jax.vmap(jax.grad(...))); got {shapes}."
@@ -339,8 +338,8 @@ def per_example_clip(
 
         finite = clipped.finite
         if policy == "error":
-            flat = jax.tree_util.tree_flatten_with_path(clipped.total)[0]
-            _apply.raise_if_nonfinite(owner, [p for p, _ in flat], [x for _, x in flat], finite)
+            paths, leaves = _checks.float_leaves(clipped.total, owner)
+            _apply.raise_if_nonfinite(owner, paths, leaves, finite)
         if policy == "skip":
             out = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), out)
 
