@@ -117,6 +117,21 @@ def check_choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> s
     return value
 
 
+def check_nonfinite(
+    owner: str, nonfinite: Any, max_consecutive_skips: Any = None
+) -> tuple[str, int | None]:
+    """The non-finite policy, and its limit on skips in a row (``"skip"`` only)."""
+    policy = check_choice(owner, "nonfinite", nonfinite, NONFINITE_POLICIES)
+    if max_consecutive_skips is None:
+        return policy, None
+    if policy != "skip":
+        raise ValueError(
+            f"{owner}: max_consecutive_skips applies to nonfinite='skip' only, got "
+            f"nonfinite={nonfinite!r}."
+        )
+    return policy, check_static_int(owner, "max_consecutive_skips", max_consecutive_skips, 0)
+
+
 def check_order(owner: str, value: Any) -> float:
     """Returns the norm order as a float: 1, 2, inf or a real p >= 1.
 
@@ -196,9 +211,7 @@ def path_str(path: Sequence[Any]) -> str:
     return s if s else "<root>"
 
 
-def float_leaves(
-    tree: Any, owner: str, what: str = "updates"
-) -> tuple[list[Any], list[jax.Array]]:
+def float_leaves(tree: Any, owner: str, what: str = "updates") -> tuple[list[Any], list[jax.Array]]:
     """Returns the paths and the leaves of ``tree``, refusing non-floating leaves.
 
     ``None`` leaves and empty subtrees have no leaves and pass. Leaves of

@@ -163,6 +163,30 @@ def _tree_where(condition: Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
 
 
+def skip_counters(max_skips: int | None, dtype: Any) -> dict[str, Array]:
+    """The statistics a limit on skips in a row adds (none without a limit)."""
+    if max_skips is None:
+        return {}
+    return {"consecutive_skips": jnp.zeros((), dtype), "forced_steps": jnp.zeros((), dtype)}
+
+
+def limit_skips(
+    max_skips: int | None, finite: Array, extra: dict[str, Array]
+) -> tuple[Array, dict[str, Array]]:
+    """Whether the step is applied: finite, or not finite after ``max_skips`` skips in
+    a row (then taken as it is, as ``skip_on_spike`` does); and the counters."""
+    if max_skips is None:
+        return finite, {}
+    run = extra["consecutive_skips"]
+    forced = ~finite & (run >= max_skips)
+    skipped = ~finite & ~forced
+    counters = {
+        "consecutive_skips": jnp.where(skipped, run + 1, 0),
+        "forced_steps": extra["forced_steps"] + forced,
+    }
+    return finite | forced, counters
+
+
 ScaleFn = Callable[[Array, _rules.RuleStep, Array], _apply.Factor]
 
 
@@ -175,6 +199,7 @@ def rule_clipper(
     *,
     p: float = 2.0,
     initial_threshold: Any = 0.0,
+    max_skips: int | None = None,
 ) -> optax.GradientTransformation:
     """A global-norm clipper whose threshold comes from ``rule``.
 
@@ -187,6 +212,7 @@ def rule_clipper(
     def init_fn(params: Any) -> Any:
         dtype = stats_dtype(params)
         extra = {name: jnp.zeros((), dtype) for name in rule.extra_names}
+        extra |= skip_counters(max_skips, dtype)
         stats = initial_stats(dtype, _apply.as_array(initial_threshold, dtype), extra=extra)
         rule_state = rule.init(dtype)
         return stats if rule_state is None else AdaptiveClipState(rule_state, stats)
@@ -196,8 +222,11 @@ def rule_clipper(
         rule_state, stats = (None, state) if isinstance(state, ClipStats) else state
         measured = measure(owner, updates, p, policy, where)
         step = rule.step(rule_state, measured.norm, stats.step)
-        out = rescale(owner, updates, measured, scale_fn(measured.norm, step, stats.step), policy)
+        applied, counters = limit_skips(max_skips, measured.finite, stats.extra)
+        scale = scale_fn(measured.norm, step, stats.step)
+        out = rescale(owner, updates, measured._replace(finite=applied), scale, policy)
         keep = measured.finite  # a non-finite step leaves the rule as it was
+        old_extra = {name: stats.extra[name] for name in step.extra}
         stats = next_stats(
             stats,
             norm=measured.norm,
@@ -205,7 +234,7 @@ def rule_clipper(
             scale=out.scale,
             clipped=out.clipped,
             finite=measured.finite,
-            extra=_tree_where(keep, step.extra, stats.extra),
+            extra=_tree_where(keep, step.extra, old_extra) | counters,
         )
         if rule_state is None:
             return out.updates, stats
@@ -353,6 +382,7 @@ def unit_clipper(
     p: float = 2.0,
     whole: bool = False,
     zero_sums_are_zero: bool = True,
+    max_skips: int | None = None,
 ) -> optax.GradientTransformation:
     """A clipper that scales each unit of the gradient on its own.
 
@@ -366,6 +396,7 @@ def unit_clipper(
         dtype = stats_dtype(params)
         extra = {"clipped_fraction": jnp.zeros((), dtype)}
         extra |= {name: jnp.zeros((), dtype) for name in extra_names}
+        extra |= skip_counters(max_skips, dtype)
         stats = initial_stats(dtype, _apply.as_array(initial_threshold, dtype), extra=extra)
         return pack(init_rule(params, dtype), stats)
 
@@ -374,8 +405,10 @@ def unit_clipper(
         selected = select(updates, params)
         units = measure_units(owner, selected, p, policy, where, whole, zero_sums_are_zero)
         decision = decide(rule, units, stats.step)
-        new_updates = rescale_units(owner, updates, units, decision.scale, policy)
-        summary = summarize_units(units, decision.scale, p, policy, stats.norm.dtype)
+        applied, counters = limit_skips(max_skips, units.step_finite, stats.extra)
+        taken = units._replace(step_finite=applied)
+        new_updates = rescale_units(owner, updates, taken, decision.scale, policy)
+        summary = summarize_units(taken, decision.scale, p, policy, stats.norm.dtype)
         keep = units.step_finite
         stats = next_stats(
             stats,
@@ -384,7 +417,7 @@ def unit_clipper(
             scale=summary.scale,
             clipped=summary.clipped,
             finite=keep,
-            extra={"clipped_fraction": summary.clipped_fraction, **decision.extra},
+            extra={"clipped_fraction": summary.clipped_fraction, **decision.extra, **counters},
         )
         return new_updates, pack(_tree_where(keep, decision.rule, rule), stats)
 

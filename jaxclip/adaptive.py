@@ -33,6 +33,7 @@ def autoclip(
     *,
     eps: Any = _TORCH_EPS,
     nonfinite: str = "propagate",
+    max_consecutive_skips: int | None = None,
     axis_name: Any = None,
     replicated: Any = None,
 ) -> optax.GradientTransformation:
@@ -57,6 +58,8 @@ def autoclip(
         ``threshold / norm``.
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such norms never enter the history.
+      max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
+        in a row, as in :func:`~jaxclip.clip_by_global_norm`.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
@@ -82,14 +85,14 @@ def autoclip(
     _checks.check_scalar(owner, "percentile", percentile, minimum=0.0, maximum=100.0)
     history = _checks.check_static_int(owner, "history", history, 1)
     _checks.check_scalar(owner, "eps", eps, minimum=0.0)
-    policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    policy, max_skips = _checks.check_nonfinite(owner, nonfinite, max_consecutive_skips)
     where = _clip.mapped(owner, axis_name, replicated)
 
     def scale_fn(norm: Array, step: _rules.RuleStep, count: Array) -> _apply.Factor:
         return _apply.scale_for(norm, step.target.astype(norm.dtype), eps=eps)
 
     rule = _rules.autoclip_rule(percentile, history)
-    return _clip.rule_clipper(owner, rule, scale_fn, policy, where)
+    return _clip.rule_clipper(owner, rule, scale_fn, policy, where, max_skips=max_skips)
 
 
 def zclip(
@@ -104,6 +107,7 @@ def zclip(
     *,
     eps: Any = 1e-6,
     nonfinite: str = "propagate",
+    max_consecutive_skips: int | None = None,
     axis_name: Any = None,
     replicated: Any = None,
 ) -> optax.GradientTransformation:
@@ -137,6 +141,8 @@ def zclip(
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such steps leave the statistics
         unchanged.
+      max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
+        in a row, as in :func:`~jaxclip.clip_by_global_norm`.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
@@ -173,7 +179,7 @@ def zclip(
     if not isinstance(skip_update_on_spike, bool):
         raise ValueError(f"{owner}: skip_update_on_spike must be a bool.")
     _checks.check_scalar(owner, "eps", eps, minimum=0.0)
-    policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    policy, max_skips = _checks.check_nonfinite(owner, nonfinite, max_consecutive_skips)
     where = _clip.mapped(owner, axis_name, replicated)
     rule = _rules.zclip_rule(
         alpha,
@@ -195,7 +201,7 @@ def zclip(
         adaptive = _apply.scale_for(norm, target, eps=_TORCH_EPS, eps_in_condition=False)
         return _apply.select(step.extra["warmup"] > 0, warmup, adaptive)
 
-    return _clip.rule_clipper(owner, rule, scale_fn, policy, where)
+    return _clip.rule_clipper(owner, rule, scale_fn, policy, where, max_skips=max_skips)
 
 
 def quantile_clip(
@@ -205,6 +211,7 @@ def quantile_clip(
     *,
     update: str = "geometric",
     nonfinite: str = "propagate",
+    max_consecutive_skips: int | None = None,
     axis_name: Any = None,
     replicated: Any = None,
 ) -> optax.GradientTransformation:
@@ -229,6 +236,8 @@ def quantile_clip(
       update: ``"geometric"`` or ``"arithmetic"``.
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such steps leave C unchanged.
+      max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
+        in a row, as in :func:`~jaxclip.clip_by_global_norm`.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
@@ -253,14 +262,14 @@ def quantile_clip(
     _checks.check_scalar(owner, "learning_rate", learning_rate, minimum=0.0)
     _checks.check_scalar(owner, "initial_threshold", initial_threshold, minimum=0.0)
     update_kind = _checks.check_choice(owner, "update", update, ("geometric", "arithmetic"))
-    policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    policy, max_skips = _checks.check_nonfinite(owner, nonfinite, max_consecutive_skips)
     where = _clip.mapped(owner, axis_name, replicated)
     rule = _rules.quantile_rule(target_quantile, learning_rate, initial_threshold, update_kind)
 
     def scale_fn(norm: Array, step: _rules.RuleStep, count: Array) -> _apply.Factor:
         return _apply.scale_for(norm, step.target.astype(norm.dtype))
 
-    return _clip.rule_clipper(owner, rule, scale_fn, policy, where)
+    return _clip.rule_clipper(owner, rule, scale_fn, policy, where, max_skips=max_skips)
 
 
 class AdaGCState(NamedTuple):
@@ -300,6 +309,7 @@ def adagc(
     scope: str = "leaf",
     layer_axis: int | Callable[[str, Array], int | None] | None = None,
     nonfinite: str = "propagate",
+    max_consecutive_skips: int | None = None,
     axis_name: Any = None,
     replicated: Any = None,
 ) -> optax.GradientTransformation:
@@ -329,6 +339,8 @@ def adagc(
         Each slice along that axis is then a unit with its own gamma.
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`; such steps leave gamma unchanged.
+      max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
+        in a row, as in :func:`~jaxclip.clip_by_global_norm`.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
@@ -364,7 +376,7 @@ def adagc(
     scope = _checks.check_choice(owner, "scope", scope, ("leaf", "global"))
     if layer_axis is not None and scope == "global":
         raise ValueError(f"{owner}: layer_axis applies to scope='leaf' only.")
-    policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    policy, max_skips = _checks.check_nonfinite(owner, nonfinite, max_consecutive_skips)
     where = _clip.mapped(owner, axis_name, replicated)
 
     def units_of(tree: Any, what: str) -> _clip.Selected:
@@ -422,4 +434,5 @@ def adagc(
         extra_names=("gamma_min", "gamma_max", "warmup"),
         initial_threshold=warmup_max_norm,
         whole=scope == "global",
+        max_skips=max_skips,
     )

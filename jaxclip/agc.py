@@ -63,6 +63,7 @@ def agc(
     axis: int | Sequence[int] | None = None,
     exclude: Exclude = None,
     nonfinite: str = "propagate",
+    max_consecutive_skips: int | None = None,
     axis_name: Any = None,
     replicated: Any = None,
 ) -> optax.GradientTransformation:
@@ -88,6 +89,8 @@ def agc(
         classifier layer.
       nonfinite: the policy for NaN or inf gradients, as in
         :func:`~jaxclip.clip_by_global_norm`.
+      max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
+        in a row, as in :func:`~jaxclip.clip_by_global_norm`.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
@@ -116,7 +119,7 @@ def agc(
     _checks.check_scalar(owner, "clipping", clipping, minimum=0.0, strict=True)
     _checks.check_scalar(owner, "eps", eps, minimum=0.0)
     axis_t = _checks.check_axis(owner, axis)
-    policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    policy, max_skips = _checks.check_nonfinite(owner, nonfinite, max_consecutive_skips)
     where = _clip.mapped(owner, axis_name, replicated)
 
     def select(updates: Any, params: Any) -> _clip.Selected:
@@ -165,4 +168,5 @@ def agc(
         where=where,
         extra_names=("max_ratio",),
         initial_threshold=clipping,
+        max_skips=max_skips,
     )

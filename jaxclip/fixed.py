@@ -27,6 +27,7 @@ def clip_by_global_norm(
     eps: Scalar = 0.0,
     min_norm: Threshold | None = None,
     nonfinite: str = "propagate",
+    max_consecutive_skips: int | None = None,
     axis_name: Any = None,
     replicated: Any = None,
 ) -> optax.GradientTransformation:
@@ -64,6 +65,11 @@ def clip_by_global_norm(
         The default leaves the policy to the user instead of hiding a broken
         step; note that ``"skip"`` still lets a following optimizer advance
         (e.g. AdamW's weight decay and moments).
+      max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
+        in a row (None: no limit). The next non-finite step is then applied as
+        it is, so a run that stays broken fails visibly instead of freezing
+        (``optax.apply_if_finite``'s ``max_consecutive_errors``); ``stats.extra``
+        counts ``forced_steps`` and the current ``consecutive_skips``.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
@@ -97,7 +103,7 @@ def clip_by_global_norm(
         lo, hi = _checks.concrete_value(min_norm), _checks.concrete_value(max_norm)
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"{owner}: min_norm ({lo}) must be <= max_norm ({hi}).")
-    policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    policy, max_skips = _checks.check_nonfinite(owner, nonfinite, max_consecutive_skips)
     where = _clip.mapped(owner, axis_name, replicated)
 
     def scale_fn(norm: Array, step: _rules.RuleStep, count: Array) -> _apply.Factor:
@@ -105,7 +111,9 @@ def clip_by_global_norm(
         return _apply.scale_for(norm, step.target.astype(norm.dtype), eps=eps, min_norm=lower)
 
     rule = _rules.constant_rule(max_norm)
-    return _clip.rule_clipper(owner, rule, scale_fn, policy, where, p=p, initial_threshold=max_norm)
+    return _clip.rule_clipper(
+        owner, rule, scale_fn, policy, where, p=p, initial_threshold=max_norm, max_skips=max_skips
+    )
 
 
 def clip_tree(
@@ -152,7 +160,7 @@ def clip_tree(
     _checks.check_scalar(owner, "max_norm", max_norm, minimum=0.0, allow_inf=True)
     p = _checks.check_order(owner, ord)
     _checks.check_scalar(owner, "eps", eps, minimum=0.0)
-    policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    policy = _checks.check_nonfinite(owner, nonfinite)[0]
     if norm is None:
         measured = _clip.measure(owner, tree, p, policy)
     else:
@@ -182,6 +190,7 @@ def clip_by_norm(
     ord: float | str | None = None,
     axis: int | Sequence[int] | None = None,
     nonfinite: str = "propagate",
+    max_consecutive_skips: int | None = None,
     axis_name: Any = None,
     replicated: Any = None,
 ) -> optax.GradientTransformation:
@@ -204,6 +213,8 @@ def clip_by_norm(
         as usual; ``"skip"``: zero updates when any element is non-finite;
         ``"zero"``: non-finite elements set to zero; ``"error"``: raise, naming
         the leaves. See :func:`clip_by_global_norm`.
+      max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
+        in a row, as in :func:`~jaxclip.clip_by_global_norm`.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
@@ -227,7 +238,7 @@ def clip_by_norm(
     _checks.check_threshold(owner, "max_norm", max_norm)
     p = _checks.check_order(owner, ord)
     axis_t = _checks.check_axis(owner, axis)
-    policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    policy, max_skips = _checks.check_nonfinite(owner, nonfinite, max_consecutive_skips)
     where = _clip.mapped(owner, axis_name, replicated)
 
     def select(updates: Any, params: Any) -> _clip.Selected:
@@ -251,6 +262,7 @@ def clip_by_norm(
         p=p,
         # a unit of elements too small to square still has a norm that 0 clips
         zero_sums_are_zero=_checks.concrete_value(max_norm) != 0,
+        max_skips=max_skips,
     )
 
 

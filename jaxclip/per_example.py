@@ -281,7 +281,7 @@ def per_example_clip(
         _checks.check_scalar(owner, "quantile_learning_rate", quantile_learning_rate, minimum=0.0)
     if count_noise_std is not None:
         _checks.check_scalar(owner, "count_noise_std", count_noise_std, minimum=0.0, strict=True)
-    policy = _checks.check_choice(owner, "nonfinite", nonfinite, _checks.NONFINITE_POLICIES)
+    policy = _checks.check_nonfinite(owner, nonfinite)[0]
     _clip.mapped(owner, axis_name, None)
     extra_names = ("clipped_fraction", "max_example_norm", "noise_std")
 
