@@ -1,5 +1,7 @@
 """Each adaptive clipper in a jitted AdamW step, against the same step with clip_by_global_norm.
 
+Also the wrappers of the AdamW itself (spike_aware, stable_update).
+
     python benchmarks/adaptive_step.py [--rounds 20] [--out benchmarks/results/adaptive_step.json]
 
 Model: transformer-like float32 leaves, about 150 MB. Each step takes fixed
@@ -28,6 +30,8 @@ CLIPPERS = {
     "adagc_global": lambda: jaxclip.adagc(scope="global"),
     "agc": lambda: jaxclip.agc(0.01),
     "skip_on_spike+clip": None,  # built below: the guard around the whole optimizer
+    "spike_aware(adamw)": None,  # built below: wrappers of the AdamW itself
+    "stable_update(adamw)": None,
 }
 
 
@@ -46,6 +50,10 @@ def optimizer(name: str) -> optax.GradientTransformation:
         tx = optax.chain(PEERS[name](), optax.adamw(1e-4))
     elif name == "skip_on_spike+clip":
         tx = jaxclip.skip_on_spike(optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(1e-4)))
+    elif name == "spike_aware(adamw)":
+        tx = jaxclip.spike_aware(optax.adamw(1e-4))
+    elif name == "stable_update(adamw)":
+        tx = jaxclip.stable_update(optax.adamw(1e-4))
     elif name == "adamw alone":
         tx = optax.adamw(1e-4)
     else:

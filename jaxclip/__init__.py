@@ -23,8 +23,15 @@ from jaxclip.adaptive import (
 from jaxclip.agc import agc
 from jaxclip.diagnostics import GradReport, diagnose
 from jaxclip.fixed import clip_by_global_norm, clip_by_norm, clip_by_value, clip_tree
+from jaxclip.ghost import ghost_clipped_sum, per_example_norms
 from jaxclip.guards import SkipOnSpikeState, skip_on_spike
 from jaxclip.norms import global_norm, leaf_norms
+from jaxclip.optimizer_aware import (
+    SpikeAwareState,
+    StableUpdateState,
+    spike_aware,
+    stable_update,
+)
 from jaxclip.per_example import (
     ClippedSum,
     PerExampleClipState,
@@ -46,6 +53,8 @@ __all__ = [
     "PerExampleClipState",
     "QuantileState",
     "SkipOnSpikeState",
+    "SpikeAwareState",
+    "StableUpdateState",
     "ZClipState",
     "adagc",
     "agc",
@@ -58,12 +67,16 @@ __all__ = [
     "clipped_gradient_sum",
     "diagnose",
     "get_stats",
+    "ghost_clipped_sum",
     "global_norm",
     "leaf_norms",
     "per_example_clip",
     "per_example_clip_norm",
+    "per_example_norms",
     "quantile_clip",
     "skip_on_spike",
+    "spike_aware",
+    "stable_update",
     "stats_dict",
     "zclip",
 ]

@@ -38,6 +38,21 @@ class ClippedSum(NamedTuple):
     clip_norm: Array  # float32[]: the clip norm the examples were clipped to
     finite: Array  # bool[]: every per-example gradient was finite
 
+    def merge(self, other: ClippedSum | None) -> ClippedSum:
+        """The record of this batch and ``other`` (None: this one) together."""
+        if other is None:
+            return self
+        return ClippedSum(
+            total=jax.tree.map(jnp.add, self.total, other.total),
+            num_examples=self.num_examples + other.num_examples,
+            clipped=self.clipped + other.clipped,
+            norm_sum=self.norm_sum + other.norm_sum,
+            scale_sum=self.scale_sum + other.scale_sum,
+            max_norm=jnp.maximum(self.max_norm, other.max_norm),
+            clip_norm=self.clip_norm,
+            finite=self.finite & other.finite,
+        )
+
 
 def _example_norms(owner: str, grads: Any, axis_name: Any) -> tuple[list[Any], list[Array], Array]:
     """Each example's global L2 norm over all leaves; ``grads`` leaves have a batch axis."""
@@ -171,28 +186,13 @@ def clipped_gradient_sum(
 
     def body(carry: ClippedSum | None, chunk: Any) -> tuple[ClippedSum, None]:
         part = clip_and_sum(per_example(params, chunk), clip_norm, nonfinite=nonfinite)
-        return _add(carry, part), None
+        return part.merge(carry), None
 
     first = body(None, jax.tree.map(lambda x: x[0], micro))[0]
     if size // step == 1:
         return first
     rest = jax.tree.map(lambda x: x[1:], micro)
     return jax.lax.scan(body, first, rest)[0]
-
-
-def _add(a: ClippedSum | None, b: ClippedSum) -> ClippedSum:
-    if a is None:
-        return b
-    return ClippedSum(
-        total=jax.tree.map(jnp.add, a.total, b.total),
-        num_examples=a.num_examples + b.num_examples,
-        clipped=a.clipped + b.clipped,
-        norm_sum=a.norm_sum + b.norm_sum,
-        scale_sum=a.scale_sum + b.scale_sum,
-        max_norm=jnp.maximum(a.max_norm, b.max_norm),
-        clip_norm=b.clip_norm,
-        finite=a.finite & b.finite,
-    )
 
 
 class PerExampleClipState(NamedTuple):

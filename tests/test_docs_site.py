@@ -215,6 +215,8 @@ def _extra_keys() -> dict[str, set[str]]:
         "adagc": jaxclip.adagc(),
         "agc": jaxclip.agc(),
         "skip_on_spike": jaxclip.skip_on_spike(optax.sgd(0.1)),
+        "spike_aware": jaxclip.spike_aware(optax.adamw(0.1)),
+        "stable_update": jaxclip.stable_update(optax.adamw(0.1)),
         "per_example_clip": jaxclip.per_example_clip(1.0),
     }
     return {name: set(jaxclip.get_stats(tx.init(params)).extra) for name, tx in clippers.items()}

@@ -1,0 +1,613 @@
+"""Ghost clipping: DP-SGD's per-example clipping without per-example gradients.
+
+:func:`~jaxclip.clipped_gradient_sum` forms every example's gradient (``vmap``
+of ``grad``), which takes batch size times the parameters' memory. Most
+parameters enter a network through a matrix product: for ``y_t = a_t W`` at
+positions ``t`` of one example, that example's gradient is ``sum_t a_t (x) g_t``
+(``g = dL/dy``), whose squared norm is ``sum_{t,s} (a_t . a_s)(g_t . g_s)``: it
+needs the inputs and output gradients, which ordinary training computes anyway,
+and never the ``d_in x d_out`` gradient itself (Li et al. 2021). An embedding
+lookup is the same with one-hot inputs. The clipped sum then comes from the same
+pieces, each example's output gradients weighted by its clip factor (the
+book-keeping of Bu et al. 2023), with no second backward pass.
+
+:func:`per_example_norms` and :func:`ghost_clipped_sum` trace the per-example
+loss, find where each parameter enters, and take per use the cheaper of the
+Gram form above and the explicit per-example gradient; parameters that enter
+through anything else (convolutions, ``scan`` bodies, custom derivatives) get
+their per-example gradients formed exactly, and a warning names them.
+
+What takes which path (see ``_plan``): a parameter, possibly transposed or cast,
+that is an operand of ``dot_general`` takes the Gram form (or the explicit
+outer product where that is smaller); one gathered by rows (``table[ids]``,
+``jnp.take``) the Gram form over equal ids; one read by an elementwise op
+(``add``, ``mul``, ``sub``, a slice...) costs one copy of itself per example.
+Calls (``jit``, ``checkpoint``) are looked into; ``scan``, ``cond``,
+convolutions and ``custom_jvp``/``custom_vjp`` functions are not: parameters
+read directly by them take the fallback. ``nonfinite="zero"`` needs every
+element of every per-example gradient, so it forms them all. Squared norms are
+summed without rescaling: a per-example norm above about 1e19 (float32)
+overflows to inf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxclip import _apply, _checks, _ghost_plan, _ghost_trace, _norms
+from jaxclip.per_example import ClippedSum
+
+Array = jax.Array
+
+
+@dataclasses.dataclass
+class _Traced:
+    treedef: Any
+    paths: list[Any]
+    leaves: list[Array]
+    closed: Any
+    sites: list[_ghost_trace.Site]
+    uses: list[list[_ghost_plan.Use]]  # per leaf
+    acc: Any  # the accumulation dtype
+
+
+def _prepare(
+    owner: str, loss_fn: Callable[..., Any], params: Any, batch: Any, has_aux: bool, mode: str
+) -> tuple[_Traced, list[Array], Any, int]:
+    if not callable(loss_fn):
+        raise TypeError(f"{owner}: loss_fn must be callable, got {loss_fn!r}.")
+    _checks.check_choice(owner, "mode", mode, _ghost_plan.MODES)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not flat:
+        raise ValueError(f"{owner}: params has no leaves.")
+    _checks.float_leaves(params, owner, "parameters")
+    paths = [p for p, _ in flat]
+    leaves = [jnp.asarray(x) for _, x in flat]
+    batch_leaves, batch_def = jax.tree.flatten(batch)
+    if not batch_leaves:
+        raise ValueError(f"{owner}: batch has no leaves.")
+    batch_leaves = [jnp.asarray(x) for x in batch_leaves]
+    sizes = {x.shape[0] if x.ndim else None for x in batch_leaves}
+    if len(sizes) != 1 or None in sizes:
+        shapes = ", ".join(
+            f"{_checks.path_str(p)}: {jnp.shape(x)}"
+            for p, x in jax.tree_util.tree_flatten_with_path(batch)[0]
+        )
+        raise ValueError(
+            f"{owner}: every batch leaf needs the same leading batch axis; got {shapes}."
+        )
+    (size,) = sizes
+    example = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in batch_leaves]
+    _check_loss(owner, loss_fn, params, jax.tree.unflatten(batch_def, example), has_aux)
+
+    def flat_loss(ls: Sequence[Any], ex: Sequence[Any]) -> Any:
+        out = loss_fn(
+            jax.tree_util.tree_unflatten(treedef, list(ls)), jax.tree.unflatten(batch_def, ex)
+        )
+        return out[0] if has_aux else out
+
+    closed, sites, _ = _ghost_trace.trace(flat_loss, leaves, example)
+    uses = _ghost_plan.classify(sites, len(leaves), mode)
+    acc = _norms.accumulation_dtype([x.dtype for x in leaves])
+    traced = _Traced(treedef, paths, leaves, closed, sites, uses, acc)
+    fallback = sorted(
+        {_checks.path_str(paths[u.leaf]) for per in uses for u in per if u.kind == "fallback"}
+    )
+    if fallback:
+        warnings.warn(
+            f"{owner}: per-example gradients are formed explicitly (no ghost norm) for "
+            f"{', '.join(fallback)}: they enter the loss through operations other than a "
+            "matrix product, an embedding lookup or an elementwise op.",
+            stacklevel=4,
+        )
+    return traced, batch_leaves, batch_def, size
+
+
+def _check_loss(
+    owner: str, loss_fn: Callable[..., Any], params: Any, example: Any, has_aux: bool
+) -> None:
+    out = jax.eval_shape(loss_fn, params, example)
+    if has_aux:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise ValueError(
+                f"{owner}: with has_aux=True loss_fn must return a pair (loss, aux), got {out}."
+            )
+        out = out[0]
+    elif isinstance(out, (tuple, list)):
+        raise ValueError(
+            f"{owner}: loss_fn returned a {type(out).__name__}, not a scalar loss; if it "
+            "returns (loss, aux), pass has_aux=True."
+        )
+    shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    if shape != ():
+        raise ValueError(
+            f"{owner}: loss_fn(params, example) must return the scalar loss of one example "
+            f"(no batch axis), got shape {shape}."
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{owner}: loss_fn must return a floating-point loss, got {dtype}.")
+
+
+def _pieces(
+    traced: _Traced, batch_leaves: Sequence[Array], mask: Array | None
+) -> tuple[list[Array], list[Array]]:
+    """Per example: the sites' other inputs and the loss's gradients at their outputs.
+
+    One forward and one backward pass of the summed loss, with zero probes added
+    at the sites: examples are independent under ``vmap``, so the probes'
+    gradients are the per-example output gradients.
+    """
+    size = batch_leaves[0].shape[0]
+    avals = _ghost_trace.probe_avals(traced.sites)
+    probes = [jnp.zeros((size, *a.shape), a.dtype) for a in avals]
+
+    def one(ps: Sequence[Array], example: Sequence[Array]) -> tuple[Array, list[Array]]:
+        run = _ghost_trace.Interpreter(ps)
+        return run.run(traced.closed, traced.leaves, example)[0], run.captures
+
+    def summed(ps: list[Array]) -> tuple[Array, list[Array]]:
+        return jax.vmap(one)(ps, list(batch_leaves))
+
+    losses, pull, caps = jax.vjp(summed, probes, has_aux=True)
+    (grads,) = pull(jnp.ones_like(losses))
+    if mask is not None:
+        # padding examples may hold anything (NaN included): zero what they give
+        def keep(x: Array) -> Array:
+            if not jnp.issubdtype(x.dtype, jnp.inexact):
+                return x
+            m = mask.reshape((size,) + (1,) * (x.ndim - 1))
+            return jnp.where(m, x, jnp.zeros_like(x))
+
+        grads = [keep(g) for g in grads]
+        caps = [keep(c) for c in caps]
+    return caps, grads
+
+
+def _site_grads(traced: _Traced, grads: Sequence[Array]) -> list[list[Array]]:
+    out, k = [], 0
+    for site in traced.sites:
+        out.append(list(grads[k : k + len(site.probed)]))
+        k += len(site.probed)
+    return out
+
+
+def _operand(traced: _Traced, site: _ghost_trace.Site, i: int, caps: Sequence[Array], size: int):
+    kind, item = site.operands[i]
+    if kind == "capture":
+        return caps[site.first_capture + item]
+    value = item.replay(traced.leaves[item.leaf]) if kind == "chain" else jnp.asarray(item)
+    return jnp.broadcast_to(value, (size, *jnp.shape(value)))
+
+
+def _factors(
+    traced: _Traced, use: _ghost_plan.Use, caps: Sequence[Array], site_grads: list[list[Array]]
+):
+    """The use's per-example ``(x, y)``, ``x`` either dense (B, H, T, P) or
+    ``(ids, valid)`` (B, 1, T); ``y`` is (B, H, T, Q)."""
+    site, layout = traced.sites[use.site], use.layout
+    assert layout is not None
+    h, t, p, q = layout.sizes
+    g = site_grads[use.site][0].astype(traced.acc)
+    size = g.shape[0]
+    if layout.gather_fill is not None:
+        ids = _operand(traced, site, 1, caps, size).reshape(size, 1, t)
+        valid = (ids >= 0) & (ids < p) if layout.gather_fill else jnp.ones(ids.shape, bool)
+        return (jnp.clip(ids, 0, p - 1), valid), g.reshape(size, 1, t, q)
+    a = _operand(traced, site, 1 - use.position, caps, size).astype(traced.acc)
+    x = a.transpose(0, *(i + 1 for i in layout.x_order)).reshape(size, h, t, p)
+    y = g.transpose(0, *(i + 1 for i in layout.y_order)).reshape(size, h, t, q)
+    return (y, x) if use.swap else (x, y)
+
+
+def _einsum(spec: str, *xs: Array) -> Array:
+    return jnp.einsum(spec, *xs, precision=lax.Precision.HIGHEST)
+
+
+def _x_gram(u: Any, v: Any) -> Array:
+    """``x_t . x_s`` for all t of one use and s of another: (B, H, Tu, Tv)."""
+    if isinstance(u, tuple) and isinstance(v, tuple):
+        same = u[0][..., :, None] == v[0][..., None, :]
+        return (same & u[1][..., :, None] & v[1][..., None, :]).astype(jnp.float32)
+    if isinstance(u, tuple):
+        cols = jnp.take_along_axis(jnp.swapaxes(v, 2, 3), u[0][..., None], axis=2)
+        return cols * u[1][..., None]
+    if isinstance(v, tuple):
+        return jnp.swapaxes(_x_gram(v, u), 2, 3)
+    return _einsum("bhtp,bhsp->bhts", u, v)
+
+
+def _key_layout(g: Array, key: tuple[tuple[int, ...], ...]) -> Array:
+    """Per-example gradients (B, *leaf) as (B, H, P, Q) along ``key``'s axes."""
+    order = [a for axes in key for a in axes]
+    sizes = [_ghost_plan.prod([g.shape[a + 1] for a in axes]) for axes in key]
+    return g.transpose(0, *(a + 1 for a in order)).reshape(g.shape[0], *sizes)
+
+
+def _explicit(
+    traced: _Traced,
+    uses: Sequence[_ghost_plan.Use],
+    caps: Sequence[Array],
+    site_grads: list[list[Array]],
+) -> dict[int, Array]:
+    """The per-example gradient (B, *leaf) of each leaf through ``uses`` alone."""
+    if not uses:
+        return {}
+    positions: dict[int, set[int]] = {}
+    for u in uses:
+        positions.setdefault(u.site, set()).add(u.position)
+    order = sorted(positions)
+    varied = {u.leaf: traced.leaves[u.leaf] for u in uses}
+    cots = [g for s in order for g in site_grads[s]]
+
+    def outputs(values: dict[int, Array], example_caps: Sequence[Array]) -> list[Array]:
+        return [
+            o
+            for s in order
+            for o in traced.sites[s].outputs_with(
+                traced.leaves, example_caps, values, sorted(positions[s])
+            )
+        ]
+
+    def per_example(example_caps: Sequence[Array], example_cots: Sequence[Array]) -> Any:
+        _, pull = jax.vjp(lambda v: outputs(v, example_caps), varied)
+        return pull(list(example_cots))[0]
+
+    return jax.vmap(per_example)(list(caps), cots)
+
+
+def _squared_norms(
+    traced: _Traced, caps: Sequence[Array], grads: Sequence[Array], size: int
+) -> tuple[Array, dict[int, Array]]:
+    """Each example's squared gradient norm (B,), and the explicit per-example
+    gradients that were formed on the way."""
+    site_grads = _site_grads(traced, grads)
+    explicit_uses = [u for per in traced.uses for u in per if u.layout is None]
+    explicit = _explicit(traced, explicit_uses, caps, site_grads)
+    total = jnp.zeros((size,), traced.acc)
+    for leaf, uses in enumerate(traced.uses):
+        factored = [u for u in uses if u.layout is not None]
+        pieces = [_factors(traced, u, caps, site_grads) for u in factored]
+        dense = explicit.get(leaf)
+        if dense is not None:
+            dense = dense.astype(traced.acc)
+            total = total + jnp.sum(jnp.square(dense.reshape(size, -1)), axis=1)
+        if not factored:
+            continue
+        if dense is not None:
+            key = factored[0].layout.key  # type: ignore[union-attr]
+            if factored[0].swap:
+                key = (key[0], key[2], key[1])
+            blocks = _key_layout(dense, key)
+            for x, y in pieces:
+                if isinstance(x, tuple):
+                    rows = jnp.take_along_axis(blocks, x[0][..., None], axis=2) * x[1][..., None]
+                else:
+                    rows = _einsum("bhpq,bhtp->bhtq", blocks, x)
+                total = total + 2 * jnp.sum(rows * y, axis=(1, 2, 3))
+        for i, (xu, yu) in enumerate(pieces):
+            for j in range(i, len(pieces)):
+                xv, yv = pieces[j]
+                cross = jnp.sum(_x_gram(xu, xv) * _einsum("bhtq,bhsq->bhts", yu, yv), (1, 2, 3))
+                total = total + (cross if i == j else 2 * cross)
+    return total, explicit
+
+
+def _weighted_total(
+    traced: _Traced,
+    caps: Sequence[Array],
+    grads: Sequence[Array],
+    explicit: dict[int, Array],
+    coef: Array,
+) -> list[Array]:
+    """``sum_b coef_b * gradient_b`` for every leaf (book-keeping): the factored
+    uses' share from one vector-Jacobian product of their sites, batch and
+    positions contracted together, with the output gradients weighted by
+    ``coef``; the explicit per-example gradients' share by a contraction."""
+    factored: dict[int, set[int]] = {}
+    for u in (u for per in traced.uses for u in per if u.layout is not None):
+        factored.setdefault(u.site, set()).add(u.position)
+    order = sorted(factored)
+    site_grads = _site_grads(traced, grads)
+
+    def weigh(g: Array) -> Array:
+        c = coef.reshape((-1,) + (1,) * (g.ndim - 1))
+        return (g.astype(coef.dtype) * c).astype(g.dtype)
+
+    def outputs(values: list[Array], example_caps: Sequence[Array]) -> list[Array]:
+        varied = dict(enumerate(values))
+        return [
+            o
+            for s in order
+            for o in traced.sites[s].outputs_with(
+                traced.leaves, example_caps, varied, sorted(factored[s])
+            )
+        ]
+
+    def batched(values: list[Array]) -> list[Array]:
+        return jax.vmap(outputs, in_axes=(None, 0))(values, list(caps))
+
+    totals = [jnp.zeros(x.shape, coef.dtype) for x in traced.leaves]
+    if order:
+        _, pull = jax.vjp(batched, list(traced.leaves))
+        shares = pull([weigh(g) for s in order for g in site_grads[s]])[0]
+        totals = [t + s.astype(coef.dtype) for t, s in zip(totals, shares)]
+    for leaf, g in explicit.items():
+        totals[leaf] = totals[leaf] + jnp.tensordot(coef, g.astype(coef.dtype), axes=(0, 0))
+    return totals
+
+
+def _finish(
+    traced: _Traced,
+    norms: Array,
+    clip_norm: Any,
+    mask: Array | None,
+    weights: Array | None,
+    total_for: Callable[[Array], list[Array]],
+) -> ClippedSum:
+    c = jnp.asarray(clip_norm).astype(norms.dtype)
+    factors = _apply.scale_for(norms, c)
+    counted = jnp.ones(norms.shape, bool) if mask is None else mask
+    # as clip_and_sum: scales below 2^-100 are two factors, the second applied last
+    shift = jnp.min(jnp.where(counted, factors.tiny, 1.0), initial=1.0)
+    coef = factors.value * (factors.tiny / shift)
+    if weights is not None:
+        coef = coef * weights.astype(coef.dtype)
+    coef = jnp.where(counted, coef, jnp.zeros_like(coef))
+    summed = total_for(coef)
+    total = [(s.astype(coef.dtype) * shift).astype(x.dtype) for s, x in zip(summed, traced.leaves)]
+    zero = jnp.zeros_like(norms)
+    return ClippedSum(
+        total=jax.tree_util.tree_unflatten(traced.treedef, total),
+        num_examples=jnp.sum(counted, dtype=jnp.int32),
+        clipped=jnp.sum(counted & (norms > c), dtype=jnp.int32),
+        norm_sum=jnp.sum(jnp.where(counted, norms, zero)),
+        scale_sum=jnp.sum(jnp.where(counted, factors.product(), zero)),
+        max_norm=jnp.max(jnp.where(counted, norms, zero)),
+        clip_norm=c,
+        finite=jnp.all(jnp.isfinite(norms) | ~counted),
+    )
+
+
+def _chunk_sum(
+    traced: _Traced,
+    batch_leaves: Sequence[Array],
+    clip_norm: Any,
+    weights: Array | None,
+    nonfinite: str,
+) -> tuple[ClippedSum, Array]:
+    size = batch_leaves[0].shape[0]
+    mask = None if weights is None else weights != 0
+    caps, grads = _pieces(traced, batch_leaves, mask)
+    if nonfinite == "zero":
+        # every example's gradient is needed to zero its non-finite elements
+        uses = [dataclasses.replace(u, kind="outer", layout=None) for p in traced.uses for u in p]
+        per = _explicit(traced, uses, caps, _site_grads(traced, grads))
+        full = [
+            jnp.where(jnp.isfinite(g), g, 0.0) if g is not None else None
+            for g in (per.get(i) for i in range(len(traced.leaves)))
+        ]
+        sq = sum(
+            jnp.sum(jnp.square(g.astype(traced.acc).reshape(size, -1)), axis=1)
+            for g in full
+            if g is not None
+        )
+        norms = jnp.sqrt(jnp.zeros((size,), traced.acc) + sq)
+
+        def total_for(coef: Array) -> list[Array]:
+            return [
+                jnp.zeros(x.shape, coef.dtype)
+                if g is None
+                else jnp.tensordot(coef, g.astype(coef.dtype), axes=(0, 0))
+                for g, x in zip(full, traced.leaves)
+            ]
+
+        return _finish(traced, norms, clip_norm, mask, weights, total_for), norms
+    sq, explicit = _squared_norms(traced, caps, grads, size)
+    norms = jnp.sqrt(jnp.maximum(sq, 0.0))
+
+    def total_for(coef: Array) -> list[Array]:
+        return _weighted_total(traced, caps, grads, explicit, coef)
+
+    out = _finish(traced, norms, clip_norm, mask, weights, total_for)
+    return out, norms
+
+
+def _ghost_sum(
+    loss_fn: Callable[..., Any],
+    params: Any,
+    batch: Any,
+    clip_norm: Any,
+    *,
+    has_aux: bool = False,
+    microbatch_size: int | None = None,
+    nonfinite: str = "propagate",
+    weights: Any = None,
+    mode: str = "auto",
+    owner: str = "jaxclip.ghost_clipped_sum",
+    with_norms: bool = False,
+) -> Any:
+    """:func:`ghost_clipped_sum`, with the path forced by ``mode`` and, when
+    ``with_norms``, the per-example norms as well."""
+    _checks.check_choice(owner, "nonfinite", nonfinite, ("propagate", "zero"))
+    _checks.check_scalar(owner, "clip_norm", clip_norm, minimum=0.0, allow_inf=True)
+    traced, batch_leaves, _, size = _prepare(owner, loss_fn, params, batch, has_aux, mode)
+    if weights is not None:
+        weights = jnp.asarray(weights)
+        if weights.shape != (size,) or not jnp.issubdtype(weights.dtype, jnp.floating):
+            raise ValueError(
+                f"{owner}: weights must be a float array of shape ({size},) (one per "
+                f"example), got {weights.dtype}{list(weights.shape)}."
+            )
+    step = size if microbatch_size is None else microbatch_size
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1 or size % step:
+        raise ValueError(
+            f"{owner}: microbatch_size must be a positive int dividing the batch size "
+            f"{size}, got {microbatch_size!r}."
+        )
+    if step == size:
+        out, norms = _chunk_sum(traced, batch_leaves, clip_norm, weights, nonfinite)
+        return (out, norms) if with_norms else out
+    chunks = size // step
+    micro = [x.reshape(chunks, step, *x.shape[1:]) for x in batch_leaves]
+    micro_w = None if weights is None else weights.reshape(chunks, step)
+
+    def body(carry: ClippedSum | None, chunk: Any) -> tuple[ClippedSum, Array]:
+        leaves, w = chunk
+        part, norms = _chunk_sum(traced, leaves, clip_norm, w, nonfinite)
+        return part.merge(carry), norms
+
+    first, norms0 = body(None, jax.tree.map(lambda x: x[0], (micro, micro_w)))
+    out, norms = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], (micro, micro_w)))
+    return (out, jnp.concatenate([norms0, norms.reshape(-1)])) if with_norms else out
+
+
+def _example_norms(
+    loss_fn: Callable[..., Any],
+    params: Any,
+    batch: Any,
+    *,
+    has_aux: bool = False,
+    mode: str = "auto",
+    owner: str = "jaxclip.per_example_norms",
+) -> Array:
+    traced, batch_leaves, _, size = _prepare(owner, loss_fn, params, batch, has_aux, mode)
+    caps, grads = _pieces(traced, batch_leaves, None)
+    sq, _ = _squared_norms(traced, caps, grads, size)
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
+
+
+def _plan(
+    loss_fn: Callable[..., Any],
+    params: Any,
+    batch: Any,
+    *,
+    has_aux: bool = False,
+    mode: str = "auto",
+) -> dict[str, list[tuple[str, str]]]:
+    """Per parameter leaf, ``(primitive, path)`` for each of its uses; the path is
+    ``"gram"``, ``"index"`` (embedding), ``"outer"`` (formed: cheaper than the
+    Gram form), ``"elementwise"`` or ``"fallback"``. For tests and debugging."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = _prepare("jaxclip.ghost", loss_fn, params, batch, has_aux, mode)[0]
+    return {
+        _checks.path_str(traced.paths[leaf]): [(traced.sites[u.site].name, u.kind) for u in uses]
+        for leaf, uses in enumerate(traced.uses)
+    }
+
+
+def per_example_norms(
+    loss_fn: Callable[..., Any], params: Any, batch: Any, *, has_aux: bool = False
+) -> Array:
+    """Each example's gradient norm, without forming per-example gradients where it can.
+
+    The global L2 norm over all parameters of ``grad(loss_fn)(params, example)``
+    for every example of ``batch``, as ``jax.vmap(jax.grad(loss_fn), (None, 0))``
+    followed by a norm would give it, from one forward and one backward pass of
+    the summed loss. Parameters used by matrix products (dense layers, einsums,
+    attention projections, at every position of a sequence) and by embedding
+    lookups get their norms from Gram matrices over the positions (ghost norms);
+    the others (biases, norm scales) cost one copy of themselves per example;
+    those used by other operations (convolutions, ``scan``, custom derivatives)
+    have their per-example gradients formed, with a warning.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> loss``, the scalar loss of one
+        example (no batch axis).
+      params: the parameters, a pytree of floating-point arrays.
+      batch: a pytree of arrays with a leading batch axis.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is ignored.
+
+    Returns:
+      float32[B] (float64 when a parameter is float64): the per-example norms.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxclip
+      >>> loss = lambda w, ex: jnp.sum(ex["x"] @ w)
+      >>> batch = {"x": jnp.array([[3.0, 4.0], [0.0, 1.0]])}
+      >>> norms = jaxclip.per_example_norms(loss, jnp.ones((2, 5)), batch)  # |x| * sqrt(5)
+      >>> [round(n, 3) for n in norms.tolist()]
+      [11.18, 2.236]
+
+    References:
+      Goodfellow, "Efficient Per-Example Gradient Computations", 2015
+      (arXiv:1510.01799); Li, Tramer, Liang and Hashimoto, "Large Language
+      Models Can Be Strong Differentially Private Learners", ICLR 2022
+      (arXiv:2110.05679).
+    """
+    return _example_norms(loss_fn, params, batch, has_aux=has_aux)
+
+
+def ghost_clipped_sum(
+    loss_fn: Callable[..., Any],
+    params: Any,
+    batch: Any,
+    clip_norm: Any,
+    *,
+    has_aux: bool = False,
+    microbatch_size: int | None = None,
+    nonfinite: str = "propagate",
+    weights: Any = None,
+) -> ClippedSum:
+    """Per-example gradients clipped and summed, at about the memory of one gradient.
+
+    The same :class:`~jaxclip.ClippedSum` as
+    ``jaxclip.clipped_gradient_sum(jax.grad(loss_fn), params, batch, clip_norm)``:
+    each example's gradient is clipped to global L2 norm ``clip_norm`` and the
+    clipped gradients are summed, ready for :func:`~jaxclip.per_example_clip`.
+    The norms come from :func:`per_example_norms`'s ghost norms; the sum from
+    the same forward and backward pass, each example's output gradients
+    weighted by its clip factor (book-keeping), so no per-example gradient of a
+    matrix-product or embedding parameter is formed.
+
+    Args:
+      loss_fn: ``loss_fn(params, example) -> loss``, the scalar loss of one
+        example (no batch axis).
+      params: the parameters, a pytree of floating-point arrays.
+      batch: a pytree of arrays with a leading batch axis.
+      clip_norm: the per-example norm bound C >= 0.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is ignored.
+      microbatch_size: examples per microbatch; must divide the batch size.
+        None: the whole batch at once.
+      nonfinite: ``"propagate"`` (default) or ``"zero"``, as in
+        :func:`~jaxclip.clip_and_sum`. ``"zero"`` needs each example's gradient
+        elements, so it forms the per-example gradients (no memory saving).
+      weights: None, or float[B]: the clipped gradient of example b is
+        multiplied by ``weights[b]``; an example of weight 0 (padding) adds
+        nothing and is not counted in any statistic.
+
+    Returns:
+      A :class:`~jaxclip.ClippedSum` over the examples of nonzero weight.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxclip
+      >>> loss = lambda w, ex: jnp.sum(ex["x"] @ w)
+      >>> batch = {"x": jnp.array([[3.0, 4.0], [0.3, 0.4]])}
+      >>> out = jaxclip.ghost_clipped_sum(loss, jnp.ones((2, 1)), batch, 1.0)
+      >>> [round(x, 3) for x in out.total.ravel().tolist()], int(out.clipped)
+      ([0.9, 1.2], 1)
+
+    References:
+      Li, Tramer, Liang and Hashimoto, "Large Language Models Can Be Strong
+      Differentially Private Learners", ICLR 2022 (arXiv:2110.05679); Bu,
+      Wang, Zha and Karypis, "Differentially Private Optimization on Large
+      Model at Small Cost", ICML 2023 (arXiv:2210.00038); Abadi et al., "Deep
+      Learning with Differential Privacy", CCS 2016 (arXiv:1607.00133).
+    """
+    return _ghost_sum(
+        loss_fn,
+        params,
+        batch,
+        clip_norm,
+        has_aux=has_aux,
+        microbatch_size=microbatch_size,
+        nonfinite=nonfinite,
+        weights=weights,
+    )

@@ -1,0 +1,347 @@
+"""Clipping inside an Adam: wrappers that read the second moment ``nu`` of its state.
+
+By default the part of the inner update that depends on the parameters
+(``optax.adamw``'s decoupled weight decay) is not rescaled, as in both authors'
+code: the inner update runs a second time with zero parameters to isolate it
+(under ``jit`` XLA shares the common work). ``scale_weight_decay=True``
+rescales the whole update in one call: right for inners whose update is not
+linear in the parameters (``optax.lamb``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxclip import _checks, _clip
+from jaxclip._stats import ClipStats, initial_stats, next_stats
+from jaxclip.norms import global_norm
+
+Array = jax.Array
+
+
+class SpikeAwareState(NamedTuple):
+    """State of :func:`spike_aware`."""
+
+    step: Array  # int32[]: updates seen (the reference's total_step)
+    inner: Any  # the inner transformation's state
+    stats: ClipStats
+
+
+class StableUpdateState(NamedTuple):
+    """State of :func:`stable_update`."""
+
+    inner: Any  # the inner transformation's state
+    stats: ClipStats
+
+
+_is_adam = lambda node: isinstance(node, optax.ScaleByAdamState)  # noqa: E731
+
+
+def _find_adam(owner: str, state: Any) -> tuple[optax.ScaleByAdamState, Any]:
+    """The one ScaleByAdamState in ``state``, and the ``b2`` injected above it (or None)."""
+    found, kinds = [], []
+
+    def walk(node: Any, b2: Any) -> None:
+        if _is_adam(node):
+            found.append((node, b2))
+            return
+        if hasattr(node, "_fields"):
+            kinds.append(type(node).__name__)
+        hyper = getattr(node, "hyperparams", None)
+        if isinstance(hyper, dict) and "b2" in hyper:
+            b2 = hyper["b2"]
+        children = node.values() if isinstance(node, dict) else node
+        for child in children if isinstance(node, (tuple, list, dict)) else ():
+            walk(child, b2)
+
+    walk(state, None)
+    if not found:
+        seen = ", ".join(dict.fromkeys(kinds)) or type(state).__name__
+        raise TypeError(
+            f"{owner}: the inner state holds no optax.ScaleByAdamState (found {seen}). Wrap "
+            "optax.adam, optax.adamw or a chain containing optax.scale_by_adam."
+        )
+    if len(found) > 1:
+        raise ValueError(f"{owner}: the inner state holds {len(found)} ScaleByAdamStates.")
+    return found[0]
+
+
+def _nu_leaves(owner: str, adam: optax.ScaleByAdamState, grads: Any) -> list[Array]:
+    treedef = jax.tree.structure(grads)
+    if jax.tree.structure(adam.nu) != treedef:
+        raise ValueError(
+            f"{owner}: the Adam second moment has the structure {jax.tree.structure(adam.nu)}, "
+            f"the gradient {treedef}. Wrap an Adam that sees the whole gradient."
+        )
+    return treedef.flatten_up_to(adam.nu)
+
+
+def _zero_moments(state: Any, reset: Array) -> Any:
+    """``state`` with the Adam moments zeroed where ``reset`` (its count kept)."""
+    zero = lambda x: jnp.where(reset, jnp.zeros_like(x), x)  # noqa: E731
+    fix = lambda n: n._replace(mu=jax.tree.map(zero, n.mu), nu=jax.tree.map(zero, n.nu))  # noqa: E731
+    return jax.tree.map(lambda n: fix(n) if _is_adam(n) else n, state, is_leaf=_is_adam)
+
+
+def _inner_step(inner: Any, grads: Any, state: Any, params: Any, extra: dict, whole: bool):
+    """The inner update, and unless ``whole`` the same update with zero parameters."""
+    updates, new_state = inner.update(grads, state, params, **extra)
+    if whole or params is None:
+        return updates, None, new_state
+    free = inner.update(grads, state, jax.tree.map(jnp.zeros_like, params), **extra)[0]
+    return updates, free, new_state
+
+
+def _rescale(updates: Any, free: Any, factors: list[Array]) -> Any:
+    """Each leaf's update with its parameter-free part times its factor:
+    ``u - (1 - f) * u(params=0)``, or ``f * u`` when there is no ``free`` tree."""
+    leaves, treedef = jax.tree.flatten(updates)
+    frees = treedef.flatten_up_to(free) if free is not None else [None] * len(leaves)
+    out = []
+    for u, u0, f in zip(leaves, frees, factors):
+        dtype = jnp.promote_types(u.dtype, jnp.float32)  # rescale low precision in float32
+        f = f.astype(dtype)
+        x = u.astype(dtype) * f if u0 is None else u.astype(dtype) - (1 - f) * u0.astype(dtype)
+        out.append(x.astype(u.dtype))
+    return treedef.unflatten(out)
+
+
+def spike_aware(
+    inner: optax.GradientTransformation,
+    *,
+    theta: float = 5000.0,
+    reset_interval: int = 500,
+    warmup_steps: int = 150,
+    no_clip_steps: int = 20,
+    warmup_depth: float = 0.99,
+    scale_weight_decay: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """SPAM: spike-aware clipping, momentum reset and warmup around an Adam.
+
+    At update ``k`` (1, 2, ...), in the order of the authors' code: (1) when
+    ``k`` is a multiple of ``reset_interval``, the inner Adam's ``mu`` and
+    ``nu`` are zeroed, its ``count`` kept (bias correction goes on from the
+    global step); (2) when ``k >= no_clip_steps`` and ``k % reset_interval >=
+    no_clip_steps``, each coordinate with ``g**2 > theta * v`` (``v``: ``nu``
+    before this step's update, not bias-corrected) becomes ``sign(g) *
+    sqrt(theta * v)``; (3) the inner update runs on that gradient; (4) from
+    the first reset on, while ``t = k % reset_interval < warmup_steps``, the
+    update is multiplied by ``1 - warmup_depth * (1 + cos(pi * t /
+    (warmup_steps + 1))) / 2``. Transforms that precede Adam (e.g. global-norm
+    clipping) go before the wrapper: it must see the gradient Adam sees.
+
+    Args:
+      inner: the optimizer; its state holds exactly one ``optax.ScaleByAdamState``.
+      theta: the spike threshold on ``g**2 / v``, >= 0; 0 turns clipping off.
+      reset_interval: updates between resets, an int >= 1 (the reference's ``DeltaT``).
+      warmup_steps: length of the warmup after each reset, an int >= 0.
+      no_clip_steps: the reference's hidden ``grad_accu_steps``, an int >= 0
+        (0 clips from update 1 against ``v = 0``: every gradient becomes 0, as
+        in the reference).
+      warmup_depth: the reference's hidden 0.99, in [0, 1]: the factor at a
+        reset is ``1 - warmup_depth``.
+      scale_weight_decay: whether the warmup also scales the part of the inner
+        update that depends on the parameters. False (default) as the
+        reference, which decays ``p -= lr * wd * p`` without the warmup factor
+        (after the Adam step, where ``optax.adamw`` decays the weights from
+        before it: a difference of order ``lr**2 * wd``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with a :class:`SpikeAwareState`.
+      Its :class:`~jaxclip.ClipStats`: ``norm``, the global gradient norm
+      before clipping; ``threshold``, ``theta``; ``scale``, the warmup factor;
+      ``clipped``, whether a coordinate was clipped; ``extra``:
+      ``clipped_fraction`` (of coordinates), ``max_ratio`` (the largest
+      ``g**2 / v`` where ``v > 0``, also when clipping is off) and
+      ``steps_since_reset`` (``k % reset_interval``).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jaxclip
+      >>> tx = jaxclip.spike_aware(optax.adam(0.1, b2=0.5), theta=10.0, no_clip_steps=2)
+      >>> params = jnp.zeros(3)
+      >>> state = tx.init(params)
+      >>> for g in ([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1e4, 1.0]):
+      ...     updates, state = tx.update(jnp.array(g), state, params)
+      >>> stats = jaxclip.get_stats(state)
+      >>> bool(stats.clipped), round(float(stats.extra["clipped_fraction"]), 3)
+      (True, 0.333)
+
+    References:
+      Huang et al., "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
+      Training", ICLR 2025, arXiv:2501.06842; the authors' optimizer,
+      ``galore_torch/SPAM.py`` in github.com/ffuhu/SPAM-Optimizer.
+    """
+    owner = "jaxclip.spike_aware"
+    _checks.check_scalar(owner, "theta", theta, minimum=0.0)
+    R = _checks.check_static_int(owner, "reset_interval", reset_interval, 1)
+    W = _checks.check_static_int(owner, "warmup_steps", warmup_steps, 0)
+    N = _checks.check_static_int(owner, "no_clip_steps", no_clip_steps, 0)
+    _checks.check_scalar(owner, "warmup_depth", warmup_depth, minimum=0.0, maximum=1.0)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: Any) -> SpikeAwareState:
+        inner_state = inner.init(params)
+        _find_adam(owner, inner_state)
+        dtype = _clip.stats_dtype(params)
+        extra = {"clipped_fraction": jnp.zeros((), dtype), "max_ratio": jnp.zeros((), dtype)}
+        extra["steps_since_reset"] = jnp.zeros((), jnp.int32)
+        stats = initial_stats(dtype, theta, extra)
+        return SpikeAwareState(jnp.zeros((), jnp.int32), inner_state, stats)
+
+    def update_fn(updates: Any, state: SpikeAwareState, params: Any = None, **extra_args: Any):
+        norm = global_norm(updates)
+        nus = _nu_leaves(owner, _find_adam(owner, state.inner)[0], updates)
+        k = jnp.asarray(optax.safe_int32_increment(state.step))
+        t, reset = k % R, k % R == 0
+        gate = (jnp.asarray(theta) != 0) & (k >= N) & (t >= N)
+        leaves, treedef = jax.tree.flatten(updates)
+        clipped, n_clipped, max_ratio = [], jnp.zeros(()), jnp.zeros(())
+        for g, nu in zip(leaves, nus):
+            dtype = jnp.promote_types(g.dtype, jnp.float32)  # ratios in float32 at least
+            g32, v = g.astype(dtype), jnp.where(reset, 0, nu.astype(dtype))
+            bound = jnp.asarray(theta, dtype) * v
+            spike = gate & (g32 * g32 > bound)
+            clipped.append(jnp.where(spike, jnp.sign(g32) * jnp.sqrt(bound), g32).astype(g.dtype))
+            if g.size:
+                ratio = jnp.where(v > 0, g32 * g32 / jnp.where(v > 0, v, 1), 0)
+                max_ratio = jnp.maximum(max_ratio, jnp.max(ratio).astype(jnp.float32))
+                n_clipped = n_clipped + jnp.sum(spike, dtype=jnp.float32)
+        grads, inner_state = treedef.unflatten(clipped), _zero_moments(state.inner, reset)
+        new_updates, free, new_inner = _inner_step(
+            inner, grads, inner_state, params, extra_args, scale_weight_decay
+        )
+        dtype = state.stats.norm.dtype
+        # the reference rewinds its warmup counter at the end of update 1 at the earliest
+        warm = (k >= max(R, 2)) & (t < W)
+        cosine = (1 + jnp.cos(math.pi * t.astype(dtype) / (W + 1))) / 2
+        factor = jnp.where(warm, 1 - warmup_depth * cosine, 1).astype(dtype)
+        stats = next_stats(
+            state.stats,
+            norm=norm,
+            threshold=jnp.asarray(theta),
+            scale=factor,
+            clipped=n_clipped > 0,
+            finite=jnp.isfinite(norm),
+            extra={
+                "clipped_fraction": n_clipped / max(sum(g.size for g in leaves), 1),
+                "max_ratio": max_ratio,
+                "steps_since_reset": t,
+            },
+        )
+        new_updates = _rescale(new_updates, free, [factor] * len(leaves))
+        return new_updates, SpikeAwareState(k, new_inner, stats)
+
+    return _clip.transformation_with_extra_args(init_fn, update_fn)
+
+
+def stable_update(
+    inner: optax.GradientTransformation,
+    *,
+    eps: float = 1e-16,
+    b2: float | None = None,
+    threshold: float = 1.0,
+    scale_weight_decay: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """StableAdamW's update clipping: each tensor's Adam step shrunk by its RMS.
+
+    After the inner update, per tensor (leaf),
+    ``RMS = sqrt(mean(g**2 / max(v_hat, eps)))``, with ``g`` this step's
+    gradient and ``v_hat = nu / (1 - b2**count)`` the inner Adam's second
+    moment, bias-corrected and including ``g`` (the authors' debiased
+    ``beta2`` makes their ``exp_avg_sq`` exactly this ``v_hat``). The tensor's
+    update is divided by ``max(1, RMS / threshold)``.
+
+    Args:
+      inner: the optimizer; its state holds exactly one ``optax.ScaleByAdamState``.
+      eps: the floor on ``v_hat``, > 0. The reference floors at the square of
+        its Adam epsilon: the default is the square of ``optax.adam``'s 1e-8.
+      b2: the inner Adam's ``b2``, for the bias correction (Optax's state does
+        not carry it); it must equal the inner's. None (default): the value
+        injected by ``optax.inject_hyperparams`` if any (a different ``b2``
+        given here is refused at ``init``), else 0.999, Optax's default.
+      threshold: the RMS above which the update shrinks, > 0 (the reference's
+        ``clip_thresh``, 1).
+      scale_weight_decay: whether the division also applies to the part of the
+        inner update that depends on the parameters. False (default) as the
+        authors' code, which decays by ``lr * wd`` unclipped; optimi's
+        StableAdamW clips the decay too (True).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with a :class:`StableUpdateState`.
+      Its :class:`~jaxclip.ClipStats`: ``norm``, the global gradient norm;
+      ``threshold``; ``scale``, the smallest factor ``1 / max(1, RMS / threshold)``;
+      ``clipped``, whether a tensor shrank; ``extra``: ``clipped_fraction``
+      (of tensors) and ``max_rms``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jaxclip
+      >>> tx = jaxclip.stable_update(optax.adam(1.0, b2=0.5), b2=0.5)
+      >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
+      >>> state = tx.init(params)
+      >>> _, state = tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state, params)
+      >>> updates, state = tx.update({"a": jnp.ones(2), "b": jnp.full(2, 10.0)}, state)
+      >>> stats = jaxclip.get_stats(state)
+      >>> round(float(stats.extra["max_rms"]), 4), float(stats.extra["clipped_fraction"])
+      (1.2217, 0.5)
+
+    References:
+      Wortsman et al., "Stable and low-precision training for large-scale
+      vision-language models", NeurIPS 2023, arXiv:2304.13013; the authors'
+      ``StableAdamWUnfused`` (gist.github.com/mitchellnw/d42e22a0b9ec02ceaf4f7b4457f51423).
+    """
+    owner = "jaxclip.stable_update"
+    _checks.check_scalar(owner, "eps", eps, minimum=0.0, strict=True)
+    _checks.check_scalar(owner, "threshold", threshold, minimum=0.0, strict=True)
+    if b2 is not None:
+        _checks.check_scalar(owner, "b2", b2, minimum=0.0, below=1.0)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: Any) -> StableUpdateState:
+        inner_state = inner.init(params)
+        injected = _find_adam(owner, inner_state)[1]
+        value = None if injected is None else _checks.concrete_value(injected)
+        if b2 is not None and value is not None and not np.isclose(value, b2, rtol=1e-6):
+            raise ValueError(f"{owner}: b2={b2}, but the inner's injected b2 is {value:g}.")
+        dtype = _clip.stats_dtype(params)
+        extra = {"clipped_fraction": jnp.zeros((), dtype), "max_rms": jnp.zeros((), dtype)}
+        return StableUpdateState(inner_state, initial_stats(dtype, threshold, extra))
+
+    def update_fn(updates: Any, state: StableUpdateState, params: Any = None, **extra_args: Any):
+        norm = global_norm(updates)
+        new_updates, free, new_inner = _inner_step(
+            inner, updates, state.inner, params, extra_args, scale_weight_decay
+        )
+        adam, injected = _find_adam(owner, new_inner)
+        decay = b2 if b2 is not None else (injected if injected is not None else 0.999)
+        factors, rmss = [], [jnp.zeros((), jnp.float32)]
+        for g, nu in zip(jax.tree.leaves(updates), _nu_leaves(owner, adam, updates)):
+            dtype = jnp.promote_types(g.dtype, jnp.float32)
+            debias = 1 - jnp.asarray(decay, dtype) ** jnp.asarray(adam.count).astype(dtype)
+            g32, v_hat = g.astype(dtype), nu.astype(dtype) / debias
+            ratio = g32 * g32 / jnp.maximum(v_hat, jnp.asarray(eps, dtype))
+            rms = jnp.sqrt(jnp.mean(ratio)) if g.size else jnp.zeros((), dtype)
+            rmss.append(rms.astype(jnp.float32))
+            factors.append(1 / jnp.maximum(1, rms / jnp.asarray(threshold, dtype)))
+        shrunk = jnp.stack(rmss[1:] or rmss) > jnp.asarray(threshold, jnp.float32)
+        stats = next_stats(
+            state.stats,
+            norm=norm,
+            threshold=jnp.asarray(threshold),
+            scale=jnp.min(jnp.stack([jnp.ones(())] + [f.astype(jnp.float32) for f in factors])),
+            clipped=jnp.any(shrunk),
+            finite=jnp.isfinite(norm),
+            extra={
+                "clipped_fraction": jnp.sum(shrunk, dtype=jnp.float32) / max(len(factors), 1),
+                "max_rms": jnp.max(jnp.stack(rmss)),
+            },
+        )
+        new_updates = _rescale(new_updates, free, factors)
+        return new_updates, StableUpdateState(new_inner, stats)
+
+    return _clip.transformation_with_extra_args(init_fn, update_fn)
