@@ -42,6 +42,15 @@ _ALIAS = frozenset(
 )
 
 
+def bind(primitive: Any, values: Sequence[Any], params: Any) -> Any:
+    """Applies a jaxpr equation's primitive to ``values``."""
+    bind_params = primitive.get_bind_params(params)
+    if isinstance(bind_params, tuple):  # jax < 0.8: (subfunctions, params)
+        subfuns, bind_params = bind_params
+        return primitive.bind(*subfuns, *values, **bind_params)
+    return primitive.bind(*values, **bind_params)
+
+
 @dataclasses.dataclass(frozen=True)
 class Chain:
     """A value computed from parameter leaf ``leaf`` by the single-input ``ops``."""
@@ -52,7 +61,7 @@ class Chain:
     def replay(self, leaf_value: Any) -> Any:
         v = leaf_value
         for prim, params in self.ops:
-            v = prim.bind(v, **params)
+            v = bind(prim, [v], params)
         return v
 
     def permutation(self, ndim: int) -> tuple[int, ...] | None:
@@ -88,7 +97,7 @@ class Site:
     def apply(self, values: Sequence[Any]) -> list[Any]:
         if self.primitive is None:
             return [values[0]]
-        out = self.primitive.bind(*values, **self.primitive.get_bind_params(self.params))
+        out = bind(self.primitive, values, self.params)
         return list(out) if self.multiple_results else [out]
 
     def outputs_with(
@@ -175,10 +184,10 @@ class Interpreter:
             invals = [read(v) for v in eqn.invars]
             in_chains = [chain_of(v) for v in eqn.invars]
             if not any(c is not None for c in in_chains):
-                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+                outs = bind(eqn.primitive, invals, eqn.params)
                 outs = list(outs) if eqn.primitive.multiple_results else [outs]
-            elif eqn.primitive.name in _INLINE and _inner(eqn) is not None:
-                inner, inner_consts = _inner(eqn)
+            elif eqn.primitive.name in _INLINE and (called := _inner(eqn)) is not None:
+                inner, inner_consts = called
                 inner_chains = {v: c for v, c in zip(inner.invars, in_chains) if c is not None}
                 outs, out_chains = self._eval(inner, inner_consts, invals, inner_chains)
                 for v, c in zip(eqn.outvars, out_chains):
@@ -186,7 +195,8 @@ class Interpreter:
                         chains[v] = c
             elif _alias_ok(eqn):
                 (c,) = in_chains
-                outs = [eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))]
+                assert c is not None
+                outs = [bind(eqn.primitive, invals, eqn.params)]
                 chains[eqn.outvars[0]] = Chain(c.leaf, (*c.ops, (eqn.primitive, eqn.params)))
             else:
                 operands: list[tuple[str, Any]] = []

@@ -83,7 +83,7 @@ def _prepare(
         raise ValueError(
             f"{owner}: every batch leaf needs the same leading batch axis; got {shapes}."
         )
-    (size,) = sizes
+    size = int(batch_leaves[0].shape[0])
     example = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in batch_leaves]
     _check_loss(owner, loss_fn, params, jax.tree.unflatten(batch_def, example), has_aux)
 
@@ -131,7 +131,7 @@ def _check_loss(
             f"{owner}: loss_fn(params, example) must return the scalar loss of one example "
             f"(no batch axis), got shape {shape}."
         )
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{owner}: loss_fn must return a floating-point loss, got {dtype}.")
 
 

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import float64_enabled
 from flax import nnx
 
 import jaxclip
 from jaxclip import ghost_clipped_sum, per_example_norms
 from jaxclip.ghost import _ghost_sum, _plan
-from tests._helpers import float64_enabled
 
 # --- the reference: vmap(grad), clip, sum, in float64 NumPy --------------------------
 
@@ -415,42 +415,6 @@ def test_feeds_per_example_clip():
     want, got = both(params, batch)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-
-# --- the fast path is taken -------------------------------------------------------------
-
-
-def test_mlp_takes_the_gram_path_without_per_example_gradients():
-    d_in, d_out, size = 256, 512, 8
-    params = {"w": jax.random.normal(key(13), (d_in, d_out)) / 16, "b": jnp.zeros(d_out)}
-
-    def loss(p, ex):
-        return jnp.sum(jnp.tanh(ex["x"] @ p["w"] + p["b"]) ** 2)
-
-    batch = {"x": jax.random.normal(key(14), (size, d_in))}
-    assert _plan(loss, params, batch) == {
-        "['b']": [("add", "elementwise")],
-        "['w']": [("dot_general", "gram")],
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        jaxpr = jax.make_jaxpr(lambda p, b: ghost_clipped_sum(loss, p, b, 1.0))(params, batch)
-    shapes = set()
-
-    def collect(j):
-        for eqn in j.eqns:
-            shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                collect(sub)
-
-    collect(jaxpr.jaxpr)
-    assert (size, d_in, d_out) not in shapes and (size, d_out, d_in) not in shapes
-    norms = jax.jit(lambda p, b: per_example_norms(loss, p, b))(params, batch)
-    want = reference(per_example_grads(loss, params, batch), 1.0)["norms"]
-    np.testing.assert_allclose(norms, want, rtol=1e-5)
-
-
-# --- bad input -------------------------------------------------------------------------
 
 
 def test_bad_inputs():

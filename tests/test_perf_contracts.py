@@ -197,3 +197,54 @@ def test_accelerator_programs_keep_their_recorded_branches(platform):
             for where in ("every_step", "in_branches"):
                 was = recorded["steps"][name][platform][kind][where]
                 assert counts[kind][where] <= was, (name, kind, where, counts[kind][where], was)
+
+
+def _sub_jaxprs(params):
+    """The jaxprs inside an equation's parameters (calls, branches, loop bodies)."""
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, jax.extend.core.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, jax.extend.core.Jaxpr):
+                yield v
+
+
+def test_ghost_clipping_forms_no_per_example_gradient_of_a_dense_layer():
+    """A Dense kernel read by a matrix product takes the Gram path: no (B, d_in, d_out)
+    array anywhere in the program, no warning, and the norms of vmap(grad)."""
+    import warnings
+
+    from jaxclip.ghost import _plan
+
+    d_in, d_out, size = 256, 512, 8
+    params = {"w": jax.random.normal(jax.random.key(13), (d_in, d_out)) / 16, "b": jnp.zeros(d_out)}
+
+    def loss(p, ex):
+        return jnp.sum(jnp.tanh(ex["x"] @ p["w"] + p["b"]) ** 2)
+
+    batch = {"x": jax.random.normal(jax.random.key(14), (size, d_in))}
+    assert _plan(loss, params, batch) == {
+        "['b']": [("add", "elementwise")],
+        "['w']": [("dot_general", "gram")],
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxpr = jax.make_jaxpr(lambda p, b: jaxclip.ghost_clipped_sum(loss, p, b, 1.0))(
+            params, batch
+        )
+    shapes = set()
+
+    def collect(j):
+        for eqn in j.eqns:
+            shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+            for sub in _sub_jaxprs(eqn.params):
+                collect(sub)
+
+    collect(jaxpr.jaxpr)
+    assert (size, d_in, d_out) not in shapes and (size, d_out, d_in) not in shapes
+    assert (size, d_out) in shapes  # the output gradients are there: the walk saw inside
+    norms = jax.jit(lambda p, b: jaxclip.per_example_norms(loss, p, b))(params, batch)
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)
+    squares = [np.asarray(g, np.float64).reshape(size, -1) ** 2 for g in jax.tree.leaves(grads)]
+    want = np.sqrt(sum(s.sum(axis=1) for s in squares))
+    np.testing.assert_allclose(norms, want, rtol=1e-5)
