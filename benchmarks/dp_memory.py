@@ -1,0 +1,135 @@
+"""Peak memory and time of a DP-SGD step on a transformer: ghost clipping against the rest.
+
+    python benchmarks/dp_memory.py [--d-model 384] [--layers 6] [--seq-len 128]
+                                   [--batches 16,64,256,1024] [--steps 3]
+
+The model is char_transformer.py's decoder (vocabulary 128; about 10M
+parameters at the defaults). Each variant and batch size runs in a fresh
+process, which reports its peak resident memory (``ru_maxrss``, JAX's runtime
+included), the temporary memory XLA's compiled step asks for, and the median
+time of the steps after the first:
+
+- ``non-private``: ``jax.grad`` of the mean loss, the floor;
+- ``vmap``: per-example gradients with ``vmap(grad)``, then ``clip_and_sum``
+  (what ``optax.contrib``'s and jax-privacy's per-example clipping do);
+- ``microbatched``: ``clipped_gradient_sum(microbatch_size=32)``;
+- ``ghost``: ``ghost_clipped_sum``.
+
+A process that runs out of memory is reported as such. Results go to
+benchmarks/results/dp_memory.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+VARIANTS = ("non-private", "vmap", "microbatched", "ghost")
+
+CHILD = r"""
+import json, resource, statistics, sys, time
+import jax, jax.numpy as jnp
+import jaxclip
+import char_transformer as ct
+
+variant, batch_size, d_model, layers, seq_len, steps = sys.argv[1:7]
+batch_size, steps = int(batch_size), int(steps)
+model = ct.Model(d_model=int(d_model), heads=4, layers=int(layers), seq_len=int(seq_len))
+params = ct.init(jax.random.PRNGKey(0), model)
+data = jnp.asarray(ct.corpus())
+tokens = ct.batch(jax.random.PRNGKey(1), data, batch_size, model)
+
+def example_loss(p, ex):
+    return ct.loss(p, ex[None], model)
+
+def step(p, tokens):
+    if variant == "non-private":
+        return jax.grad(lambda q: ct.loss(q, tokens, model))(p)
+    if variant == "vmap":
+        grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0))(p, tokens)
+        return jaxclip.clip_and_sum(grads, 1.0).total
+    if variant == "microbatched":
+        return jaxclip.clipped_gradient_sum(
+            jax.grad(example_loss), p, tokens, 1.0, microbatch_size=min(32, batch_size)).total
+    return jaxclip.ghost_clipped_sum(example_loss, p, tokens, 1.0).total
+
+compiled = jax.jit(step).lower(params, tokens).compile()
+analysis = compiled.memory_analysis()
+temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
+times = []
+for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(params, tokens))
+    times.append(time.perf_counter() - start)
+print(json.dumps({
+    "parameters": sum(x.size for x in jax.tree.leaves(params)),
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "xla_temp_mb": None if temp is None else temp / 2**20,
+    "step_s": statistics.median(times[1:] or times),
+}))
+"""
+
+
+def run(variant: str, batch: int, args: argparse.Namespace) -> dict:
+    here = pathlib.Path(__file__).parent
+    cmd = [sys.executable, "-c", CHILD, variant, str(batch), str(args.d_model)]
+    cmd += [str(args.layers), str(args.seq_len), str(args.steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=here)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or ["killed"]
+        return {"error": tail[0] if done.returncode > 0 else "killed (out of memory)"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--d-model", type=int, default=384)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batches", default="16,64,256,1024")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/dp_memory")
+    args = parser.parse_args()
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from common import machine, write
+
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for variant in VARIANTS:
+            result = {"variant": variant, "batch": batch, **run(variant, batch, args)}
+            rows.append(result)
+            print(json.dumps(result), flush=True)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write(str(out.with_suffix(".json")), {"machine": machine(), "args": vars(args), "rows": rows})
+    lines = [
+        "| batch | variant | peak RSS (MB) | XLA temporaries (MB) | step (s) | "
+        "vs non-private: memory | time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    floor = {r["batch"]: r for r in rows if r["variant"] == "non-private" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['batch']} | {r['variant']} | {r['error']} | | | | |")
+            continue
+        base = floor.get(r["batch"])
+        mem = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
+        time_ratio = f"{r['step_s'] / base['step_s']:.2f}x" if base else "-"
+        temp = "-" if r["xla_temp_mb"] is None else f"{r['xla_temp_mb']:.0f}"
+        lines.append(
+            f"| {r['batch']} | {r['variant']} | {r['peak_rss_mb']:.0f} | {temp} | "
+            f"{r['step_s']:.3f} | {mem} | {time_ratio} |"
+        )
+    params = next((r["parameters"] for r in rows if "parameters" in r), 0)
+    out.with_suffix(".md").write_text(
+        f"Transformer, {params / 1e6:.1f}M parameters, sequence length {args.seq_len}, "
+        f"CPU\n\n" + "\n".join(lines) + "\n"
+    )
+    print(f"wrote {out}.json and {out}.md")
+
+
+if __name__ == "__main__":
+    main()
