@@ -26,12 +26,14 @@ jax.config.update(
     int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]),
 )
 
-# "default" keeps the suite fast on two cores; "thorough" is for the slow runs:
+# "default" keeps the suite fast on two cores; "slow" is loaded by --slow (unless
+# HYPOTHESIS_PROFILE names another); "thorough" is for long runs:
 #   HYPOTHESIS_PROFILE=thorough python -m pytest -m slow
 _common = dict(
     deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
-settings.register_profile("default", max_examples=25, **_common)
+settings.register_profile("default", max_examples=10, **_common)
+settings.register_profile("slow", max_examples=25, **_common)
 settings.register_profile("thorough", max_examples=300, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
@@ -40,6 +42,12 @@ def pytest_addoption(parser):
     parser.addoption(
         "--slow", action="store_true", help="also run the tests marked slow (the full suite)"
     )
+
+
+def pytest_configure(config):
+    # before the test modules are imported: @given reads the profile when it decorates
+    if config.getoption("--slow") and "HYPOTHESIS_PROFILE" not in os.environ:
+        settings.load_profile("slow")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -15,11 +15,19 @@ from hypothesis import strategies as st
 
 import jaxclip
 
+_JITTED = {}  # per transformation, its jitted update: compiled once for all examples
+
+
+def _jitted_update(tx):
+    if tx not in _JITTED:
+        _JITTED[tx] = jax.jit(tx.update)
+    return _JITTED[tx]
+
 
 def _drive(tx, norms, jit=True):
     """Feeds gradients [n_t] (global norm n_t); returns the applied factors and states."""
     state = tx.init(jnp.zeros(1))
-    update = jax.jit(tx.update) if jit else tx.update
+    update = _jitted_update(tx) if jit else tx.update
     scales, states = [], []
     for n in norms:
         g = jnp.array([n], jnp.float32)
@@ -245,7 +253,7 @@ def test_adagc_gamma_grows_by_at_most_beta_plus_one_minus_beta_lambda(norms, lam
     state = ADAGC_INJECTED.init(jnp.zeros(1))
     state.hyperparams["lambda_rel"] = jnp.float32(lam)
     state.hyperparams["beta"] = jnp.float32(beta)
-    update = jax.jit(ADAGC_INJECTED.update)
+    update = _jitted_update(ADAGC_INJECTED)
     gammas = []
     for n in norms:
         _, state = update(jnp.array([n], jnp.float32), state)
@@ -460,7 +468,7 @@ def test_state_can_be_donated(name):
 def test_autoclip_bounded_history_equals_numpy_on_the_window(norms, percentile):
     state = AUTOCLIP_WINDOW.init(None)
     state.hyperparams["percentile"] = jnp.float32(percentile)
-    update = jax.jit(AUTOCLIP_WINDOW.update)
+    update = _jitted_update(AUTOCLIP_WINDOW)
     for t, n in enumerate(norms):
         _, state = update(jnp.array([n], jnp.float32), state)
         window = norms[max(0, t + 1 - 4) : t + 1]

@@ -45,6 +45,20 @@ def test_demo_runs_and_writes_its_results(tmp_path):
     assert png.startswith(b"\x89PNG") and str(out / "demo.png") in proc.stdout
 
 
+def _main(*args, monkeypatch, capsys):
+    """``python -m jaxclip ARGS`` in this process: (exit status, stdout, stderr). The
+    command line is parsed before jax is needed; test_demo_runs_and_writes_its_results
+    runs the module as a program."""
+    from jaxclip import __main__ as cli
+
+    monkeypatch.setenv("COLUMNS", "80")  # argparse wraps as in a pipe
+    monkeypatch.setattr(sys, "argv", ["/x/jaxclip/__main__.py", *args])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    out = capsys.readouterr()
+    return exited.value.code, out.out, out.err
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -54,16 +68,16 @@ def test_demo_runs_and_writes_its_results(tmp_path):
         (["train"], "invalid choice"),
     ],
 )
-def test_bad_flags_get_a_clear_message(tmp_path, args, message):
-    proc = _run(*args, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert message in proc.stderr
+def test_bad_flags_get_a_clear_message(args, message, monkeypatch, capsys):
+    status, _, err = _main(*args, monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 2
+    assert message in err and err.startswith("usage: python -m jaxclip ")
 
 
-def test_help_describes_the_demo_and_its_defaults(tmp_path):
-    proc = _run("demo", "--help", cwd=tmp_path)
-    assert proc.returncode == 0
-    text = " ".join(proc.stdout.split())
+def test_help_describes_the_demo_and_its_defaults(monkeypatch, capsys):
+    status, out, _ = _main("demo", "--help", monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 0
+    text = " ".join(out.split())
     assert "memory task" in text and "adding" not in text
     assert "(default: 800)" in text and "(default: jaxclip-demo)" in text
     assert "(default: " + ",".join(demo.DEFAULT_METHODS) in text.replace(", ", ",")

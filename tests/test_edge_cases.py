@@ -89,9 +89,18 @@ def test_float16_overflow_values(name, mode):
         np.testing.assert_array_equal(_f32(out["a"]), [1.0, -1.0])
 
 
-@pytest.mark.parametrize("n", [300, pytest.param(2000, marks=pytest.mark.slow)])
 @pytest.mark.parametrize(
-    "name", ["global_norm", pytest.param("norm", marks=pytest.mark.slow), "value", "value_light"]
+    "name, n",
+    [
+        # more than 64 leaves, whose sums are added as one vector, as those of 300 and
+        # 2000 leaves are (--slow); Optax's bfloat16 norm is already 3% off at 80
+        *[(name, 80) for name in ("global_norm", "value", "value_light")],
+        *[
+            pytest.param(name, n, marks=pytest.mark.slow)
+            for n in (300, 2000)
+            for name in ("global_norm", "norm", "value", "value_light")
+        ],
+    ],
 )
 def test_many_bfloat16_leaves(name, n):
     """bfloat16 sums lose the norm of many small leaves (Optax: 5.66 for 14.14 at 2000)."""

@@ -15,7 +15,10 @@ import sys
 
 if "jax" in sys.modules:
     raise RuntimeError("checks.py must set XLA_FLAGS before jax is imported")
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
@@ -244,13 +247,19 @@ def check_training():
             else clippers(None, None)[name],
             optax.adam(0.05),
         )
-        # one device
+        # one device: the same step, compiled once (op by op, each step's branches
+        # would compile again)
         tx = make(False)
+
+        @jax.jit
+        def step1(p, s, x, y, tx=tx):
+            g = jax.grad(loss_fn)(p, x, y)
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
         p1, s1 = params, tx.init(params)
         for x, y in batches:
-            g = jax.grad(loss_fn)(p1, x, y)
-            u, s1 = tx.update(g, s1, p1)
-            p1 = optax.apply_updates(p1, u)
+            p1, s1 = step1(p1, s1, x, y)
 
         # eight devices, as in FSDP: the batch and the weight matrices are split over
         # 'd'; the forward pass gathers the weights, so autodiff scatters their

@@ -2,6 +2,7 @@
 
     python multihost.py --process-id 0 --num-processes 2 --port 12345 --out p0.npz
     python multihost.py --num-processes 0 --out reference.npz   # one process, one device
+    python multihost.py ... --reference-out reference.npz   # the reference after the run
 
 Each process has 2 CPU devices; together they form a 2 x 2 (data x model) mesh.
 The run trains a small sharded MLP for a few steps with each clipper and saves the
@@ -16,7 +17,9 @@ import sys
 
 if "jax" in sys.modules:
     raise RuntimeError("multihost.py must set XLA_FLAGS before jax is imported")
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax
@@ -79,21 +82,32 @@ def train(name, put, gather):
     return out
 
 
+def unsharded():
+    """``put`` and ``gather`` for the reference: one device, no sharding."""
+
+    def put(v, spec):
+        return jnp.asarray(v)
+
+    def gather(v):
+        return np.asarray(v)
+
+    return put, gather
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--num-processes", type=int, default=2)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--reference-out",
+        help="after the sharded run, also write the reference (one device, no sharding) here",
+    )
     args = parser.parse_args()
 
     if args.num_processes == 0:  # the reference: one process, one device, no sharding
-
-        def put(v, spec):
-            return jnp.asarray(v)
-
-        def gather(v):
-            return np.asarray(v)
+        put, gather = unsharded()
     else:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
@@ -119,6 +133,12 @@ def main():
     for name in CLIPPERS:
         results.update(train(name, put, gather))
     np.savez(args.out, **results)
+    if args.reference_out:  # on this process's first device alone
+        with jax.default_device(jax.local_devices()[0]):
+            reference = {}
+            for name in CLIPPERS:
+                reference.update(train(name, *unsharded()))
+        np.savez(args.reference_out, **reference)
     if args.num_processes:
         jax.distributed.shutdown()
     print("done", args.process_id)
