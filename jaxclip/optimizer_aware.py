@@ -2,10 +2,10 @@
 
 By default the part of the inner update that depends on the parameters
 (``optax.adamw``'s decoupled weight decay) is not rescaled, as in both authors'
-code: the inner update runs a second time with zero parameters to isolate it
-(under ``jit`` XLA shares the common work). ``scale_weight_decay=True``
-rescales the whole update in one call: right for inners whose update is not
-linear in the parameters (``optax.lamb``).
+code. For an update affine in the parameters that part is its derivative along
+the parameters themselves, which ``jax.jvp`` gives alongside the update at the
+cost of the decay alone. ``scale_weight_decay=True`` rescales the whole update:
+right for inners whose update is not affine in the parameters (``optax.lamb``).
 """
 
 from __future__ import annotations
@@ -90,24 +90,26 @@ def _zero_moments(state: Any, reset: Array) -> Any:
 
 
 def _inner_step(inner: Any, grads: Any, state: Any, params: Any, extra: dict, whole: bool):
-    """The inner update, and unless ``whole`` the same update with zero parameters."""
-    updates, new_state = inner.update(grads, state, params, **extra)
+    """The inner update, its state and, unless ``whole``, the update's part that
+    depends on the parameters (None when it is not separated)."""
     if whole or params is None:
+        updates, new_state = inner.update(grads, state, params, **extra)
         return updates, None, new_state
-    free = inner.update(grads, state, jax.tree.map(jnp.zeros_like, params), **extra)[0]
-    return updates, free, new_state
+    run = lambda p: inner.update(grads, state, p, **extra)  # noqa: E731
+    (updates, new_state), (decay, _) = jax.jvp(run, (params,), (params,))
+    return updates, decay, new_state
 
 
-def _rescale(updates: Any, free: Any, factors: list[Array]) -> Any:
-    """Each leaf's update with its parameter-free part times its factor:
-    ``u - (1 - f) * u(params=0)``, or ``f * u`` when there is no ``free`` tree."""
+def _rescale(updates: Any, decay: Any, factors: list[Array]) -> Any:
+    """Each leaf's update times its factor, but for its ``decay`` part (if any):
+    ``d + f * (u - d)``."""
     leaves, treedef = jax.tree.flatten(updates)
-    frees = treedef.flatten_up_to(free) if free is not None else [None] * len(leaves)
+    decays = treedef.flatten_up_to(decay) if decay is not None else [None] * len(leaves)
     out = []
-    for u, u0, f in zip(leaves, frees, factors):
+    for u, d, f in zip(leaves, decays, factors):
         dtype = jnp.promote_types(u.dtype, jnp.float32)  # rescale low precision in float32
-        f = f.astype(dtype)
-        x = u.astype(dtype) * f if u0 is None else u.astype(dtype) - (1 - f) * u0.astype(dtype)
+        f, x = f.astype(dtype), u.astype(dtype)
+        x = x * f if d is None else d.astype(dtype) + f * (x - d.astype(dtype))
         out.append(x.astype(u.dtype))
     return treedef.unflatten(out)
 
@@ -213,7 +215,7 @@ def spike_aware(
                 max_ratio = jnp.maximum(max_ratio, jnp.max(ratio).astype(jnp.float32))
                 n_clipped = n_clipped + jnp.sum(spike, dtype=jnp.float32)
         grads, inner_state = treedef.unflatten(clipped), _zero_moments(state.inner, reset)
-        new_updates, free, new_inner = _inner_step(
+        new_updates, decay, new_inner = _inner_step(
             inner, grads, inner_state, params, extra_args, scale_weight_decay
         )
         dtype = state.stats.norm.dtype
@@ -234,7 +236,7 @@ def spike_aware(
                 "steps_since_reset": t,
             },
         )
-        new_updates = _rescale(new_updates, free, [factor] * len(leaves))
+        new_updates = _rescale(new_updates, decay, [factor] * len(leaves))
         return new_updates, SpikeAwareState(k, new_inner, stats)
 
     return _clip.transformation_with_extra_args(init_fn, update_fn)
@@ -314,15 +316,15 @@ def stable_update(
 
     def update_fn(updates: Any, state: StableUpdateState, params: Any = None, **extra_args: Any):
         norm = global_norm(updates)
-        new_updates, free, new_inner = _inner_step(
+        new_updates, decay, new_inner = _inner_step(
             inner, updates, state.inner, params, extra_args, scale_weight_decay
         )
         adam, injected = _find_adam(owner, new_inner)
-        decay = b2 if b2 is not None else (injected if injected is not None else 0.999)
+        beta2 = b2 if b2 is not None else (injected if injected is not None else 0.999)
         factors, rmss = [], [jnp.zeros((), jnp.float32)]
         for g, nu in zip(jax.tree.leaves(updates), _nu_leaves(owner, adam, updates)):
             dtype = jnp.promote_types(g.dtype, jnp.float32)
-            debias = 1 - jnp.asarray(decay, dtype) ** jnp.asarray(adam.count).astype(dtype)
+            debias = 1 - jnp.asarray(beta2, dtype) ** jnp.asarray(adam.count).astype(dtype)
             g32, v_hat = g.astype(dtype), nu.astype(dtype) / debias
             ratio = g32 * g32 / jnp.maximum(v_hat, jnp.asarray(eps, dtype))
             rms = jnp.sqrt(jnp.mean(ratio)) if g.size else jnp.zeros((), dtype)
@@ -341,7 +343,7 @@ def stable_update(
                 "max_rms": jnp.max(jnp.stack(rmss)),
             },
         )
-        new_updates = _rescale(new_updates, free, factors)
+        new_updates = _rescale(new_updates, decay, factors)
         return new_updates, StableUpdateState(new_inner, stats)
 
     return _clip.transformation_with_extra_args(init_fn, update_fn)
