@@ -77,6 +77,13 @@ class Mapped(NamedTuple):
             )
         return [by_path[tuple(p)] for p in paths]
 
+    def combine(self, flags: list[bool], values: list[Array], collective: Any) -> list[Array]:
+        """Per-leaf values combined over the mapped axes with ``collective``
+        (``lax.psum``, ``lax.pmax``); a replicated leaf's value as it is."""
+        if self.axis_name is None:
+            return values
+        return [v if r else collective(v, self.axis_name) for v, r in zip(values, flags)]
+
 
 def mapped(owner: str, axis_name: Any, replicated: Any) -> Mapped:
     """Checks ``axis_name`` (a name, a tuple of names, or None) and ``replicated``."""

@@ -391,16 +391,14 @@ def clip_by_value(
 
 def _total(where: _clip.Mapped, flags: list[bool], counts: list[Array]) -> Array:
     """The sum of per-leaf int32 counts over the whole gradient (across mapped axes)."""
-    if where.axis_name is not None:
-        counts = [c if r else jax.lax.psum(c, where.axis_name) for c, r in zip(counts, flags)]
+    counts = where.combine(flags, counts, jax.lax.psum)
     return jnp.sum(_norms.joined(counts)) if counts else jnp.zeros((), jnp.int32)
 
 
 def _largest(where: _clip.Mapped, flags: list[bool], leaves: list[Array], dtype: Any) -> Array:
     """The largest magnitude in the whole gradient (across mapped axes)."""
     maxima = [jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in leaves]
-    if where.axis_name is not None:
-        maxima = [m if r else jax.lax.pmax(m, where.axis_name) for m, r in zip(maxima, flags)]
+    maxima = where.combine(flags, maxima, jax.lax.pmax)
     return jnp.max(_norms.joined(maxima)) if maxima else jnp.zeros((), dtype)
 
 

@@ -10,6 +10,7 @@ right for inners whose update is not affine in the parameters (``optax.lamb``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -17,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
-from jaxclip import _checks, _clip
+from jaxclip import _checks, _clip, _norms
 from jaxclip._stats import ClipStats, initial_stats, next_stats
-from jaxclip.norms import global_norm
 
 Array = jax.Array
 
@@ -114,6 +115,20 @@ def _rescale(updates: Any, decay: Any, factors: list[Array]) -> Any:
     return treedef.unflatten(out)
 
 
+def _measure(owner: str, where: _clip.Mapped, updates: Any) -> tuple[Array, Array, list[bool]]:
+    """The gradient's global L2 norm, whether it is finite, and which leaves are replicated."""
+    paths, leaves = _checks.float_leaves(updates, owner)
+    flags = where.flags(owner, paths, leaves)
+    norm, finite = _norms.global_norm_and_finite(
+        leaves, 2.0, axis_name=where.axis_name, replicated=flags
+    )
+    return norm, finite, flags
+
+
+def _sum(values: list[Array]) -> Array:
+    return functools.reduce(jnp.add, values, jnp.zeros((), jnp.float32))
+
+
 def spike_aware(
     inner: optax.GradientTransformation,
     *,
@@ -123,6 +138,8 @@ def spike_aware(
     no_clip_steps: int = 20,
     warmup_depth: float = 0.99,
     scale_weight_decay: bool = False,
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SPAM: spike-aware clipping, momentum reset and warmup around an Adam.
 
@@ -153,6 +170,9 @@ def spike_aware(
         reference, which decays ``p -= lr * wd * p`` without the warmup factor
         (after the Adam step, where ``optax.adamw`` decays the weights from
         before it: a difference of order ``lr**2 * wd``).
+      axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``):
+        the statistics then cover the whole gradient (the clip is per element).
+      replicated: with ``axis_name``, the leaves that are whole on every device.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`SpikeAwareState`.
@@ -185,6 +205,7 @@ def spike_aware(
     W = _checks.check_static_int(owner, "warmup_steps", warmup_steps, 0)
     N = _checks.check_static_int(owner, "no_clip_steps", no_clip_steps, 0)
     _checks.check_scalar(owner, "warmup_depth", warmup_depth, minimum=0.0, maximum=1.0)
+    where = _clip.mapped(owner, axis_name, replicated)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> SpikeAwareState:
@@ -197,23 +218,26 @@ def spike_aware(
         return SpikeAwareState(jnp.zeros((), jnp.int32), inner_state, stats)
 
     def update_fn(updates: Any, state: SpikeAwareState, params: Any = None, **extra_args: Any):
-        norm = global_norm(updates)
+        norm, finite, flags = _measure(owner, where, updates)
         nus = _nu_leaves(owner, _find_adam(owner, state.inner)[0], updates)
         k = jnp.asarray(optax.safe_int32_increment(state.step))
         t, reset = k % R, k % R == 0
         gate = (jnp.asarray(theta) != 0) & (k >= N) & (t >= N)
         leaves, treedef = jax.tree.flatten(updates)
-        clipped, n_clipped, max_ratio = [], jnp.zeros(()), jnp.zeros(())
+        clipped, counts, ratios = [], [], []
         for g, nu in zip(leaves, nus):
             dtype = jnp.promote_types(g.dtype, jnp.float32)  # ratios in float32 at least
             g32, v = g.astype(dtype), jnp.where(reset, 0, nu.astype(dtype))
             bound = jnp.asarray(theta, dtype) * v
             spike = gate & (g32 * g32 > bound)
             clipped.append(jnp.where(spike, jnp.sign(g32) * jnp.sqrt(bound), g32).astype(g.dtype))
-            if g.size:
-                ratio = jnp.where(v > 0, g32 * g32 / jnp.where(v > 0, v, 1), 0)
-                max_ratio = jnp.maximum(max_ratio, jnp.max(ratio).astype(jnp.float32))
-                n_clipped = n_clipped + jnp.sum(spike, dtype=jnp.float32)
+            ratio = jnp.where(v > 0, g32 * g32 / jnp.where(v > 0, v, 1), 0)
+            ratios.append(jnp.max(ratio, initial=0).astype(jnp.float32))
+            counts.append(jnp.sum(spike, dtype=jnp.float32))
+        n_clipped = _sum(where.combine(flags, counts, lax.psum))
+        sizes = [jnp.asarray(g.size, jnp.float32) for g in leaves]
+        n_total = _sum(where.combine(flags, sizes, lax.psum))
+        max_ratio = functools.reduce(jnp.maximum, where.combine(flags, ratios, lax.pmax), 0.0)
         grads, inner_state = treedef.unflatten(clipped), _zero_moments(state.inner, reset)
         new_updates, decay, new_inner = _inner_step(
             inner, grads, inner_state, params, extra_args, scale_weight_decay
@@ -229,10 +253,10 @@ def spike_aware(
             threshold=jnp.asarray(theta),
             scale=factor,
             clipped=n_clipped > 0,
-            finite=jnp.isfinite(norm),
+            finite=finite,
             extra={
-                "clipped_fraction": n_clipped / max(sum(g.size for g in leaves), 1),
-                "max_ratio": max_ratio,
+                "clipped_fraction": n_clipped / jnp.maximum(n_total, 1),
+                "max_ratio": jnp.asarray(max_ratio),
                 "steps_since_reset": t,
             },
         )
@@ -249,6 +273,8 @@ def stable_update(
     b2: float | None = None,
     threshold: float = 1.0,
     scale_weight_decay: bool = False,
+    axis_name: Any = None,
+    replicated: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """StableAdamW's update clipping: each tensor's Adam step shrunk by its RMS.
 
@@ -273,6 +299,9 @@ def stable_update(
         inner update that depends on the parameters. False (default) as the
         authors' code, which decays by ``lr * wd`` unclipped; optimi's
         StableAdamW clips the decay too (True).
+      axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``):
+        each tensor's RMS then covers its whole tensor.
+      replicated: with ``axis_name``, the leaves that are whole on every device.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`StableUpdateState`.
@@ -302,6 +331,7 @@ def stable_update(
     _checks.check_scalar(owner, "threshold", threshold, minimum=0.0, strict=True)
     if b2 is not None:
         _checks.check_scalar(owner, "b2", b2, minimum=0.0, below=1.0)
+    where = _clip.mapped(owner, axis_name, replicated)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> StableUpdateState:
@@ -315,32 +345,35 @@ def stable_update(
         return StableUpdateState(inner_state, initial_stats(dtype, threshold, extra))
 
     def update_fn(updates: Any, state: StableUpdateState, params: Any = None, **extra_args: Any):
-        norm = global_norm(updates)
+        norm, finite, flags = _measure(owner, where, updates)
         new_updates, decay, new_inner = _inner_step(
             inner, updates, state.inner, params, extra_args, scale_weight_decay
         )
         adam, injected = _find_adam(owner, new_inner)
         beta2 = b2 if b2 is not None else (injected if injected is not None else 0.999)
-        factors, rmss = [], [jnp.zeros((), jnp.float32)]
+        sums, sizes = [], []
         for g, nu in zip(jax.tree.leaves(updates), _nu_leaves(owner, adam, updates)):
             dtype = jnp.promote_types(g.dtype, jnp.float32)
             debias = 1 - jnp.asarray(beta2, dtype) ** jnp.asarray(adam.count).astype(dtype)
             g32, v_hat = g.astype(dtype), nu.astype(dtype) / debias
             ratio = g32 * g32 / jnp.maximum(v_hat, jnp.asarray(eps, dtype))
-            rms = jnp.sqrt(jnp.mean(ratio)) if g.size else jnp.zeros((), dtype)
-            rmss.append(rms.astype(jnp.float32))
-            factors.append(1 / jnp.maximum(1, rms / jnp.asarray(threshold, dtype)))
-        shrunk = jnp.stack(rmss[1:] or rmss) > jnp.asarray(threshold, jnp.float32)
+            sums.append(jnp.sum(ratio))
+            sizes.append(jnp.asarray(g.size, dtype))
+        sums, sizes = where.combine(flags, sums, lax.psum), where.combine(flags, sizes, lax.psum)
+        rmss = [jnp.sqrt(s / jnp.maximum(n, 1)) for s, n in zip(sums, sizes)]
+        factors = [1 / jnp.maximum(1, r / jnp.asarray(threshold, r.dtype)) for r in rmss]
+        rmss = [r.astype(jnp.float32) for r in rmss]
+        shrunk = jnp.stack(rmss or [jnp.zeros(())]) > jnp.float32(threshold)
         stats = next_stats(
             state.stats,
             norm=norm,
             threshold=jnp.asarray(threshold),
-            scale=jnp.min(jnp.stack([jnp.ones(())] + [f.astype(jnp.float32) for f in factors])),
+            scale=functools.reduce(jnp.minimum, [f.astype(jnp.float32) for f in factors], 1.0),
             clipped=jnp.any(shrunk),
-            finite=jnp.isfinite(norm),
+            finite=finite,
             extra={
                 "clipped_fraction": jnp.sum(shrunk, dtype=jnp.float32) / max(len(factors), 1),
-                "max_rms": jnp.max(jnp.stack(rmss)),
+                "max_rms": functools.reduce(jnp.maximum, rmss, jnp.zeros((), jnp.float32)),
             },
         )
         new_updates = _rescale(new_updates, decay, factors)

@@ -562,14 +562,14 @@ def _resume_module():
     return module
 
 
-# the default run resumes a fixed and two adaptive clippers; --slow resumes every clipper
-QUICK_RESUME = ("clip_by_global_norm", "autoclip", "zclip")
+# the default run resumes a fixed and two adaptive clippers and SPAM; --slow resumes them all
+QUICK_RESUME = ("clip_by_global_norm", "autoclip", "zclip", "spike_aware")
 
 
 @pytest.mark.parametrize(
     "only",
     [
-        pytest.param(QUICK_RESUME, id="three-clippers"),
+        pytest.param(QUICK_RESUME, id="four-optimizers"),
         pytest.param(None, id="every-clipper", marks=pytest.mark.slow),
     ],
 )
@@ -579,7 +579,9 @@ def test_orbax_checkpoint_resumes_bit_identically_in_a_fresh_process(only):
     resume = _resume_module()
     names = only or tuple(resume.OPTIMIZERS)
     if only is None:
-        assert len(names) == 10 and {"zclip", "per_example_clip", "skip_on_spike"} <= set(names)
+        assert len(names) == 12 and {"per_example_clip", "skip_on_spike", "stable_update"} <= set(
+            names
+        )
     with tempfile.TemporaryDirectory(prefix="jaxclip-ckpt-") as tmp:
         tmp = pathlib.Path(tmp)
         (tmp / "out").mkdir()

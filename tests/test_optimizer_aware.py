@@ -380,3 +380,38 @@ def test_state_round_trip_through_numpy(wrapper):
     assert_tree_close(p_a, jax.tree.map(np.asarray, p_b), rtol=0, atol=0)
     assert jax.tree.structure(s_a) == jax.tree.structure(s_b)
     assert int(jaxclip.get_stats(s_b).step) == 16
+
+
+@pytest.mark.parametrize("wrapper", [spike_aware, stable_update])
+def test_multisteps_wraps_it_as_one_step_per_mean_gradient(wrapper):
+    """Under optax.MultiSteps the wrapper sees the mean of every ``k`` gradients as one step
+    (its step count, reset and statistics included)."""
+    params, k = make_params(), 3
+    grads = make_grads(18, {4: [0], 13: [2, 5]}, factor=300.0)
+    kw = dict(reset_interval=3, warmup_steps=2, no_clip_steps=1) if wrapper is spike_aware else {}
+    kw |= {"theta": 50.0} if wrapper is spike_aware else {"threshold": 0.5}
+    means = [
+        jax.tree.map(lambda *g: np.mean(g, axis=0), *grads[i : i + k])
+        for i in range(0, len(grads), k)
+    ]
+    expected, expected_stats, _ = run(
+        wrapper(optax.adamw(0.1, weight_decay=WD), **kw), params, means
+    )
+    tx = optax.MultiSteps(wrapper(optax.adamw(0.1, weight_decay=WD), **kw), every_k_schedule=k)
+    history, stats, _ = run(tx, params, grads)
+    for i, (want, want_stats) in enumerate(zip(expected, expected_stats)):
+        assert_tree_close(history[k * i + k - 1], want)
+        assert_tree_close(history[k * i], params if i == 0 else expected[i - 1])
+        got = stats[k * i + k - 1]
+        assert int(got.step) == int(want_stats.step) == i + 1
+        assert bool(got.clipped) == bool(want_stats.clipped)
+        np.testing.assert_allclose(float(got.norm), float(want_stats.norm), rtol=1e-5)
+    assert int(stats[-1].clipped_steps) > 0  # the test exercises the clipping
+
+
+@pytest.mark.parametrize("wrapper", [spike_aware, stable_update])
+def test_axis_name_alone_is_checked_and_replicated_needs_it(wrapper):
+    with pytest.raises(ValueError, match="axis_name must be a mapped axis name"):
+        wrapper(optax.adam(1e-3), axis_name=3)
+    with pytest.raises(ValueError, match="replicated only applies together with axis_name"):
+        wrapper(optax.adam(1e-3), replicated=lambda path, leaf: True)

@@ -73,6 +73,18 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], bool]] =
         ),
         True,
     ),
+    # the wrappers of the Adam itself: a reset at step 4 and 8, the warmup across the save
+    "spike_aware": (
+        lambda: jaxclip.spike_aware(
+            optax.adamw(LEARNING_RATE),
+            theta=4.0,
+            reset_interval=4,
+            warmup_steps=3,
+            no_clip_steps=2,
+        ),
+        False,
+    ),
+    "stable_update": (lambda: jaxclip.stable_update(optax.adamw(LEARNING_RATE)), False),
 }
 
 
