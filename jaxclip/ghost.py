@@ -40,9 +40,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jaxclip import _apply, _checks, _ghost_plan, _ghost_trace, _norms
 from jaxclip.per_example import ClippedSum
+
+
+def _per_device(f: Callable[..., Any], mesh: Any, in_specs: Any, out_specs: Any) -> Any:
+    """``f`` on each device's piece (``shard_map``); its own vjps see per-device values."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map  # jax < 0.8
+
+    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
 
 Array = jax.Array
 
@@ -84,6 +95,12 @@ def _prepare(
             f"{owner}: every batch leaf needs the same leading batch axis; got {shapes}."
         )
     size = int(batch_leaves[0].shape[0])
+    if _varying_axes(batch_leaves[0]):
+        # inside shard_map the batch differs per device: so must the parameters, or
+        # their gradients would be summed over the devices (the caller merges the
+        # devices' records: ClippedSum.across)
+        zero = lambda x: jnp.zeros_like(batch_leaves[0], x.dtype, x.shape)  # noqa: E731
+        leaves = [x + zero(x) for x in leaves]
     example = [jax.ShapeDtypeStruct(x.shape[1:], x.dtype) for x in batch_leaves]
     _check_loss(owner, loss_fn, params, jax.tree.unflatten(batch_def, example), has_aux)
 
@@ -146,7 +163,8 @@ def _pieces(
     """
     size = batch_leaves[0].shape[0]
     avals = _ghost_trace.probe_avals(traced.sites)
-    probes = [jnp.zeros((size, *a.shape), a.dtype) for a in avals]
+    # typed like the batch: per device inside shard_map
+    probes = [jnp.zeros_like(batch_leaves[0], a.dtype, (size, *a.shape)) for a in avals]
 
     def one(ps: Sequence[Array], example: Sequence[Array]) -> tuple[Array, list[Array]]:
         run = _ghost_trace.Interpreter(ps)
@@ -353,7 +371,7 @@ def _finish(
 ) -> ClippedSum:
     c = jnp.asarray(clip_norm).astype(norms.dtype)
     factors = _apply.scale_for(norms, c)
-    counted = jnp.ones(norms.shape, bool) if mask is None else mask
+    counted = jnp.ones_like(norms, bool) if mask is None else mask
     # as clip_and_sum: scales below 2^-100 are two factors, the second applied last
     shift = jnp.min(jnp.where(counted, factors.tiny, 1.0), initial=1.0)
     coef = factors.value * (factors.tiny / shift)
@@ -468,6 +486,24 @@ def _ghost_sum(
     return (out, jnp.concatenate([norms0, norms.reshape(-1)])) if with_norms else out
 
 
+def _varying_axes(x: Array) -> frozenset:
+    """The ``shard_map`` axes over which ``x`` differs from device to device."""
+    aval = jax.typeof(x)
+    found = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    return frozenset(found if found is not None else getattr(aval, "vma", ()))
+
+
+def _batch_split(batch: Any) -> tuple[Any, tuple[str, ...]] | None:
+    """The mesh and axes a batch's leading axis is split over, by its type (explicit
+    sharding); None when it is not. Such a batch is handled a piece per device."""
+    for x in jax.tree.leaves(batch):
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if spec and spec[0] is not None:
+            return sharding.mesh, spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    return None
+
+
 def _example_norms(
     loss_fn: Callable[..., Any],
     params: Any,
@@ -542,7 +578,16 @@ def per_example_norms(
       Models Can Be Strong Differentially Private Learners", ICLR 2022
       (arXiv:2110.05679).
     """
-    return _example_norms(loss_fn, params, batch, has_aux=has_aux)
+    split = _batch_split(batch)
+    if split is None:
+        return _example_norms(loss_fn, params, batch, has_aux=has_aux)
+    mesh, axes = split
+    return _per_device(
+        lambda p, b: _example_norms(loss_fn, p, b, has_aux=has_aux),
+        mesh=mesh,
+        in_specs=(P(), P(axes)),
+        out_specs=P(axes),
+    )(params, batch)
 
 
 def ghost_clipped_sum(
@@ -571,7 +616,10 @@ def ghost_clipped_sum(
       loss_fn: ``loss_fn(params, example) -> loss``, the scalar loss of one
         example (no batch axis).
       params: the parameters, a pytree of floating-point arrays.
-      batch: a pytree of arrays with a leading batch axis.
+      batch: a pytree of arrays with a leading batch axis. A batch split over
+        devices by its type (``jax.make_mesh``'s explicit axes) is clipped a
+        piece per device under ``jit`` and the records added; inside your own
+        ``shard_map``, merge them with :meth:`~jaxclip.ClippedSum.across`.
       clip_norm: the per-example norm bound C >= 0.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``; aux is ignored.
       microbatch_size: examples per microbatch; must divide the batch size.
@@ -601,13 +649,26 @@ def ghost_clipped_sum(
       Model at Small Cost", ICML 2023 (arXiv:2210.00038); Abadi et al., "Deep
       Learning with Differential Privacy", CCS 2016 (arXiv:1607.00133).
     """
-    return _ghost_sum(
-        loss_fn,
-        params,
-        batch,
-        clip_norm,
-        has_aux=has_aux,
-        microbatch_size=microbatch_size,
-        nonfinite=nonfinite,
-        weights=weights,
-    )
+
+    def local(params: Any, batch: Any, weights: Any) -> ClippedSum:
+        return _ghost_sum(
+            loss_fn,
+            params,
+            batch,
+            clip_norm,
+            has_aux=has_aux,
+            microbatch_size=microbatch_size,
+            nonfinite=nonfinite,
+            weights=weights,
+        )
+
+    split = _batch_split(batch)
+    if split is None:
+        return local(params, batch, weights)
+    mesh, axes = split
+    return _per_device(
+        lambda p, b, w: local(p, b, w).across(axes),
+        mesh=mesh,
+        in_specs=(P(), P(axes), None if weights is None else P(axes)),
+        out_specs=P(),
+    )(params, batch, weights)

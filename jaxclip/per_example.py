@@ -53,6 +53,24 @@ class ClippedSum(NamedTuple):
             finite=self.finite & other.finite,
         )
 
+    def across(self, axis_name: Any) -> ClippedSum:
+        """The record of the batches of every device of ``axis_name`` together: for a
+        batch split over devices (data parallel) in ``shard_map`` or ``pmap``."""
+        total, counts, sums = jax.lax.psum(
+            (self.total, (self.num_examples, self.clipped), (self.norm_sum, self.scale_sum)),
+            axis_name,
+        )
+        return ClippedSum(
+            total=total,
+            num_examples=counts[0],
+            clipped=counts[1],
+            norm_sum=sums[0],
+            scale_sum=sums[1],
+            max_norm=jax.lax.pmax(self.max_norm, axis_name),
+            clip_norm=self.clip_norm,
+            finite=jax.lax.pmin(self.finite.astype(jnp.int32), axis_name) == 1,
+        )
+
 
 def _example_norms(owner: str, grads: Any, axis_name: Any) -> tuple[list[Any], list[Array], Array]:
     """Each example's global L2 norm over all leaves; ``grads`` leaves have a batch axis."""

@@ -328,11 +328,64 @@ def _like_params(state, params, specs):
     return jax.tree.map(lambda x: by_shape.get(x.shape, P()), state)
 
 
+def check_ghost():
+    """ghost_clipped_sum on a batch split over the devices: under jit with the batch
+    sharded, and in shard_map with each device's record merged (ClippedSum.across)."""
+    mesh = jax.make_mesh((8,), ("d",))
+    rng = np.random.default_rng(4)
+    params = {
+        "w1": jnp.asarray(rng.normal(size=(6, 16)) * 0.5, jnp.float32),
+        "b1": jnp.zeros(16, jnp.float32),
+        "w2": jnp.asarray(rng.normal(size=(16, 3)) * 0.5, jnp.float32),
+    }
+    scale = np.where(np.arange(64) % 5 == 0, 30.0, 1.0)[:, None]  # some examples clip
+    batch = {
+        "x": jnp.asarray(rng.normal(size=(64, 6)) * scale, jnp.float32),
+        "y": jnp.asarray(rng.normal(size=(64, 3)), jnp.float32),
+    }
+
+    CLIP = 5.0
+
+    def loss(p, ex):
+        h = jnp.tanh(ex["x"] @ p["w1"] + p["b1"])
+        return jnp.sum((h @ p["w2"] - ex["y"]) ** 2)
+
+    reference = jax.jit(lambda p, b: jaxclip.clipped_gradient_sum(jax.grad(loss), p, b, CLIP))(
+        params, batch
+    )
+    assert 0 < int(reference.clipped) < 64, int(reference.clipped)
+    split = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P("d"))), batch)
+    sharded = jax.jit(lambda p, b: jaxclip.ghost_clipped_sum(loss, p, b, CLIP))(params, split)
+
+    # the eight devices' partial sums add up in another order: equal within 1e-5 of each
+    # leaf's largest magnitude
+    def near(a, b, what):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5 * np.abs(y).max(), err_msg=what)
+
+    near(sharded, reference, "ghost jit: record")
+    norms = jax.jit(lambda p, b: jaxclip.per_example_norms(loss, p, b))(params, split)
+    want = jax.vmap(lambda ex: jaxclip.global_norm(jax.grad(loss)(params, ex)))(batch)
+    near(norms, want, "ghost jit: per-example norms")
+    print("ghost jit, batch sharded: ok")
+
+    @functools.partial(shard_map, mesh=mesh, in_specs=(P(), P("d")), out_specs=P())
+    def per_device(p, b):
+        return jaxclip.ghost_clipped_sum(loss, p, b, CLIP).across("d")
+
+    merged = jax.jit(per_device)(params, split)
+    near(merged, reference, "ghost shard_map: record")
+    assert int(merged.num_examples) == 64
+    print("ghost shard_map, ClippedSum.across: ok")
+
+
 CHECKS = {
     "shard_map": check_shard_map,
     "pmap": check_pmap,
     "jit_2d_mesh": check_jit_2d_mesh,
     "training": check_training,
+    "ghost": check_ghost,
 }
 
 if __name__ == "__main__":
