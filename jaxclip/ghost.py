@@ -39,10 +39,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxclip import _apply, _checks, _ghost_plan, _ghost_trace, _norms
+from jaxclip import _apply, _checks, _ghost_plan, _ghost_terms, _ghost_trace, _norms
 from jaxclip.per_example import ClippedSum
 
 
@@ -58,20 +57,9 @@ def _per_device(f: Callable[..., Any], mesh: Any, in_specs: Any, out_specs: Any)
 Array = jax.Array
 
 
-@dataclasses.dataclass
-class _Traced:
-    treedef: Any
-    paths: list[Any]
-    leaves: list[Array]
-    closed: Any
-    sites: list[_ghost_trace.Site]
-    uses: list[list[_ghost_plan.Use]]  # per leaf
-    acc: Any  # the accumulation dtype
-
-
 def _prepare(
     owner: str, loss_fn: Callable[..., Any], params: Any, batch: Any, has_aux: bool, mode: str
-) -> tuple[_Traced, list[Array], Any, int]:
+) -> tuple[_ghost_terms.Traced, list[Array], Any, int]:
     if not callable(loss_fn):
         raise TypeError(f"{owner}: loss_fn must be callable, got {loss_fn!r}.")
     _checks.check_choice(owner, "mode", mode, _ghost_plan.MODES)
@@ -113,7 +101,7 @@ def _prepare(
     closed, sites, _ = _ghost_trace.trace(flat_loss, leaves, example)
     uses = _ghost_plan.classify(sites, len(leaves), mode)
     acc = _norms.accumulation_dtype([x.dtype for x in leaves])
-    traced = _Traced(treedef, paths, leaves, closed, sites, uses, acc)
+    traced = _ghost_terms.Traced(treedef, paths, leaves, closed, sites, uses, acc)
     fallback = sorted(
         {_checks.path_str(paths[u.leaf]) for per in uses for u in per if u.kind == "fallback"}
     )
@@ -153,7 +141,7 @@ def _check_loss(
 
 
 def _pieces(
-    traced: _Traced, batch_leaves: Sequence[Array], mask: Array | None
+    traced: _ghost_terms.Traced, batch_leaves: Sequence[Array], mask: Array | None
 ) -> tuple[list[Array], list[Array]]:
     """Per example: the sites' other inputs and the loss's gradients at their outputs.
 
@@ -188,181 +176,8 @@ def _pieces(
     return caps, grads
 
 
-def _site_grads(traced: _Traced, grads: Sequence[Array]) -> list[list[Array]]:
-    out, k = [], 0
-    for site in traced.sites:
-        out.append(list(grads[k : k + len(site.probed)]))
-        k += len(site.probed)
-    return out
-
-
-def _operand(traced: _Traced, site: _ghost_trace.Site, i: int, caps: Sequence[Array], size: int):
-    kind, item = site.operands[i]
-    if kind == "capture":
-        return caps[site.first_capture + item]
-    value = item.replay(traced.leaves[item.leaf]) if kind == "chain" else jnp.asarray(item)
-    return jnp.broadcast_to(value, (size, *jnp.shape(value)))
-
-
-def _factors(
-    traced: _Traced, use: _ghost_plan.Use, caps: Sequence[Array], site_grads: list[list[Array]]
-):
-    """The use's per-example ``(x, y)``, ``x`` either dense (B, H, T, P) or
-    ``(ids, valid)`` (B, 1, T); ``y`` is (B, H, T, Q)."""
-    site, layout = traced.sites[use.site], use.layout
-    assert layout is not None
-    h, t, p, q = layout.sizes
-    g = site_grads[use.site][0].astype(traced.acc)
-    size = g.shape[0]
-    if layout.gather_fill is not None:
-        ids = _operand(traced, site, 1, caps, size).reshape(size, 1, t)
-        valid = (ids >= 0) & (ids < p) if layout.gather_fill else jnp.ones(ids.shape, bool)
-        return (jnp.clip(ids, 0, p - 1), valid), g.reshape(size, 1, t, q)
-    a = _operand(traced, site, 1 - use.position, caps, size).astype(traced.acc)
-    x = a.transpose(0, *(i + 1 for i in layout.x_order)).reshape(size, h, t, p)
-    y = g.transpose(0, *(i + 1 for i in layout.y_order)).reshape(size, h, t, q)
-    return (y, x) if use.swap else (x, y)
-
-
-def _einsum(spec: str, *xs: Array) -> Array:
-    return jnp.einsum(spec, *xs, precision=lax.Precision.HIGHEST)
-
-
-def _x_gram(u: Any, v: Any) -> Array:
-    """``x_t . x_s`` for all t of one use and s of another: (B, H, Tu, Tv)."""
-    if isinstance(u, tuple) and isinstance(v, tuple):
-        same = u[0][..., :, None] == v[0][..., None, :]
-        return (same & u[1][..., :, None] & v[1][..., None, :]).astype(jnp.float32)
-    if isinstance(u, tuple):
-        cols = jnp.take_along_axis(jnp.swapaxes(v, 2, 3), u[0][..., None], axis=2)
-        return cols * u[1][..., None]
-    if isinstance(v, tuple):
-        return jnp.swapaxes(_x_gram(v, u), 2, 3)
-    return _einsum("bhtp,bhsp->bhts", u, v)
-
-
-def _key_layout(g: Array, key: tuple[tuple[int, ...], ...]) -> Array:
-    """Per-example gradients (B, *leaf) as (B, H, P, Q) along ``key``'s axes."""
-    order = [a for axes in key for a in axes]
-    sizes = [_ghost_plan.prod([g.shape[a + 1] for a in axes]) for axes in key]
-    return g.transpose(0, *(a + 1 for a in order)).reshape(g.shape[0], *sizes)
-
-
-def _explicit(
-    traced: _Traced,
-    uses: Sequence[_ghost_plan.Use],
-    caps: Sequence[Array],
-    site_grads: list[list[Array]],
-) -> dict[int, Array]:
-    """The per-example gradient (B, *leaf) of each leaf through ``uses`` alone."""
-    if not uses:
-        return {}
-    positions: dict[int, set[int]] = {}
-    for u in uses:
-        positions.setdefault(u.site, set()).add(u.position)
-    order = sorted(positions)
-    varied = {u.leaf: traced.leaves[u.leaf] for u in uses}
-    cots = [g for s in order for g in site_grads[s]]
-
-    def outputs(values: dict[int, Array], example_caps: Sequence[Array]) -> list[Array]:
-        return [
-            o
-            for s in order
-            for o in traced.sites[s].outputs_with(
-                traced.leaves, example_caps, values, sorted(positions[s])
-            )
-        ]
-
-    def per_example(example_caps: Sequence[Array], example_cots: Sequence[Array]) -> Any:
-        _, pull = jax.vjp(lambda v: outputs(v, example_caps), varied)
-        return pull(list(example_cots))[0]
-
-    return jax.vmap(per_example)(list(caps), cots)
-
-
-def _squared_norms(
-    traced: _Traced, caps: Sequence[Array], grads: Sequence[Array], size: int
-) -> tuple[Array, dict[int, Array]]:
-    """Each example's squared gradient norm (B,), and the explicit per-example
-    gradients that were formed on the way."""
-    site_grads = _site_grads(traced, grads)
-    explicit_uses = [u for per in traced.uses for u in per if u.layout is None]
-    explicit = _explicit(traced, explicit_uses, caps, site_grads)
-    total = jnp.zeros((size,), traced.acc)
-    for leaf, uses in enumerate(traced.uses):
-        factored = [u for u in uses if u.layout is not None]
-        pieces = [_factors(traced, u, caps, site_grads) for u in factored]
-        dense = explicit.get(leaf)
-        if dense is not None:
-            dense = dense.astype(traced.acc)
-            total = total + jnp.sum(jnp.square(dense.reshape(size, -1)), axis=1)
-        if not factored:
-            continue
-        if dense is not None:
-            key = factored[0].layout.key  # type: ignore[union-attr]
-            if factored[0].swap:
-                key = (key[0], key[2], key[1])
-            blocks = _key_layout(dense, key)
-            for x, y in pieces:
-                if isinstance(x, tuple):
-                    rows = jnp.take_along_axis(blocks, x[0][..., None], axis=2) * x[1][..., None]
-                else:
-                    rows = _einsum("bhpq,bhtp->bhtq", blocks, x)
-                total = total + 2 * jnp.sum(rows * y, axis=(1, 2, 3))
-        for i, (xu, yu) in enumerate(pieces):
-            for j in range(i, len(pieces)):
-                xv, yv = pieces[j]
-                cross = jnp.sum(_x_gram(xu, xv) * _einsum("bhtq,bhsq->bhts", yu, yv), (1, 2, 3))
-                total = total + (cross if i == j else 2 * cross)
-    return total, explicit
-
-
-def _weighted_total(
-    traced: _Traced,
-    caps: Sequence[Array],
-    grads: Sequence[Array],
-    explicit: dict[int, Array],
-    coef: Array,
-) -> list[Array]:
-    """``sum_b coef_b * gradient_b`` for every leaf (book-keeping): the factored
-    uses' share from one vector-Jacobian product of their sites, batch and
-    positions contracted together, with the output gradients weighted by
-    ``coef``; the explicit per-example gradients' share by a contraction."""
-    factored: dict[int, set[int]] = {}
-    for u in (u for per in traced.uses for u in per if u.layout is not None):
-        factored.setdefault(u.site, set()).add(u.position)
-    order = sorted(factored)
-    site_grads = _site_grads(traced, grads)
-
-    def weigh(g: Array) -> Array:
-        c = coef.reshape((-1,) + (1,) * (g.ndim - 1))
-        return (g.astype(coef.dtype) * c).astype(g.dtype)
-
-    def outputs(values: list[Array], example_caps: Sequence[Array]) -> list[Array]:
-        varied = dict(enumerate(values))
-        return [
-            o
-            for s in order
-            for o in traced.sites[s].outputs_with(
-                traced.leaves, example_caps, varied, sorted(factored[s])
-            )
-        ]
-
-    def batched(values: list[Array]) -> list[Array]:
-        return jax.vmap(outputs, in_axes=(None, 0))(values, list(caps))
-
-    totals = [jnp.zeros(x.shape, coef.dtype) for x in traced.leaves]
-    if order:
-        _, pull = jax.vjp(batched, list(traced.leaves))
-        shares = pull([weigh(g) for s in order for g in site_grads[s]])[0]
-        totals = [t + s.astype(coef.dtype) for t, s in zip(totals, shares)]
-    for leaf, g in explicit.items():
-        totals[leaf] = totals[leaf] + jnp.tensordot(coef, g.astype(coef.dtype), axes=(0, 0))
-    return totals
-
-
 def _finish(
-    traced: _Traced,
+    traced: _ghost_terms.Traced,
     norms: Array,
     clip_norm: Any,
     mask: Array | None,
@@ -394,7 +209,7 @@ def _finish(
 
 
 def _chunk_sum(
-    traced: _Traced,
+    traced: _ghost_terms.Traced,
     batch_leaves: Sequence[Array],
     clip_norm: Any,
     weights: Array | None,
@@ -406,7 +221,8 @@ def _chunk_sum(
     if nonfinite == "zero":
         # every example's gradient is needed to zero its non-finite elements
         uses = [dataclasses.replace(u, kind="outer", layout=None) for p in traced.uses for u in p]
-        per = _explicit(traced, uses, caps, _site_grads(traced, grads))
+        site_grads = _ghost_terms.site_grads_of(traced, grads)
+        per = _ghost_terms.explicit_grads(traced, uses, caps, site_grads)
         full = [
             jnp.where(jnp.isfinite(g), g, 0.0) if g is not None else None
             for g in (per.get(i) for i in range(len(traced.leaves)))
@@ -427,11 +243,11 @@ def _chunk_sum(
             ]
 
         return _finish(traced, norms, clip_norm, mask, weights, total_for), norms
-    sq, explicit = _squared_norms(traced, caps, grads, size)
+    sq, explicit = _ghost_terms.squared_norms(traced, caps, grads, size)
     norms = jnp.sqrt(jnp.maximum(sq, 0.0))
 
     def total_for(coef: Array) -> list[Array]:
-        return _weighted_total(traced, caps, grads, explicit, coef)
+        return _ghost_terms.weighted_total(traced, caps, grads, explicit, coef)
 
     out = _finish(traced, norms, clip_norm, mask, weights, total_for)
     return out, norms
@@ -515,7 +331,7 @@ def _example_norms(
 ) -> Array:
     traced, batch_leaves, _, size = _prepare(owner, loss_fn, params, batch, has_aux, mode)
     caps, grads = _pieces(traced, batch_leaves, None)
-    sq, _ = _squared_norms(traced, caps, grads, size)
+    sq, _ = _ghost_terms.squared_norms(traced, caps, grads, size)
     return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
