@@ -13,7 +13,11 @@ time of the steps after the first:
 - ``vmap``: per-example gradients with ``vmap(grad)``, then ``clip_and_sum``
   (what ``optax.contrib``'s and jax-privacy's per-example clipping do);
 - ``microbatched``: ``clipped_gradient_sum(microbatch_size=32)``;
-- ``ghost``: ``ghost_clipped_sum``.
+- ``ghost``: ``ghost_clipped_sum``;
+- ``torch non-private`` and ``opacus ghost``: the same model in PyTorch, one
+  SGD step without privacy and with Opacus's ghost clipping
+  (``grad_sample_mode="ghost"``, noise 0), run with ``--torch-python`` (an
+  interpreter with torch and opacus; skipped when it has none).
 
 A process that runs out of memory is reported as such. Results go to
 benchmarks/results/dp_memory.{json,md}.
@@ -28,6 +32,7 @@ import subprocess
 import sys
 
 VARIANTS = ("non-private", "vmap", "microbatched", "ghost")
+TORCH_VARIANTS = ("torch non-private", "opacus ghost")
 
 CHILD = r"""
 import json, resource, statistics, sys, time
@@ -73,9 +78,102 @@ print(json.dumps({
 """
 
 
+TORCH_CHILD = r"""
+import json, math, resource, statistics, sys, time
+import opacus, torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+variant, batch_size, d, layers, seq_len, steps = sys.argv[1:7]
+batch_size, d, layers, seq_len, steps = map(int, (batch_size, d, layers, seq_len, steps))
+VOCAB, HEADS = 128, 4
+torch.manual_seed(0)
+
+
+class Block(nn.Module):  # char_transformer.py's block
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.up = nn.Linear(d, 4 * d, bias=False)
+        self.down = nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x, mask):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (a.view(b, t, HEADS, d // HEADS).transpose(1, 2) for a in (q, k, v))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(d // HEADS)
+        weights = scores.masked_fill(~mask, -1e9).softmax(-1)
+        x = x + self.proj((weights @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.down(F.gelu(self.up(self.ln2(x)), approximate="tanh"))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(VOCAB, d)
+        self.positions = nn.Embedding(seq_len, d)
+        self.blocks = nn.ModuleList(Block() for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.out = nn.Linear(d, VOCAB, bias=False)
+
+    def forward(self, tokens):
+        b, t = tokens.shape
+        x = self.tokens(tokens) + self.positions(torch.arange(t).repeat(b, 1))
+        mask = torch.tril(torch.ones(t, t, dtype=torch.bool))
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.out(self.ln_f(x))
+
+
+net = Net()
+data = torch.randint(0, VOCAB, (batch_size, seq_len + 1))
+loader = torch.utils.data.DataLoader(
+    torch.utils.data.TensorDataset(data[:, :-1], data[:, 1:]), batch_size=batch_size
+)
+optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+criterion = nn.CrossEntropyLoss()
+if variant == "opacus ghost":
+    net, optimizer, criterion, loader = opacus.PrivacyEngine().make_private(
+        module=net, optimizer=optimizer, data_loader=loader, criterion=criterion,
+        noise_multiplier=0.0, max_grad_norm=1.0, grad_sample_mode="ghost",
+        poisson_sampling=False,
+    )
+x, y = next(iter(loader))
+times = []
+for _ in range(steps):
+    start = time.perf_counter()
+    optimizer.zero_grad()
+    logits = net(x)
+    if variant == "opacus ghost":
+        loss = criterion(logits.reshape(-1, VOCAB), y.reshape(-1), shape=logits.shape)
+    else:
+        loss = criterion(logits.reshape(-1, VOCAB), y.reshape(-1))
+    loss.backward()
+    optimizer.step()
+    times.append(time.perf_counter() - start)
+print(json.dumps({
+    "parameters": sum(p.numel() for p in net.parameters()),
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "xla_temp_mb": None,
+    "step_s": statistics.median(times[1:] or times),
+    "versions": f"torch {torch.__version__}, opacus {opacus.__version__}",
+}))
+"""
+
+
 def run(variant: str, batch: int, args: argparse.Namespace) -> dict:
     here = pathlib.Path(__file__).parent
-    cmd = [sys.executable, "-c", CHILD, variant, str(batch), str(args.d_model)]
+    python, child = (
+        (args.torch_python, TORCH_CHILD)
+        if variant in TORCH_VARIANTS
+        else (
+            sys.executable,
+            CHILD,
+        )
+    )
+    cmd = [python, "-c", child, variant, str(batch), str(args.d_model)]
     cmd += [str(args.layers), str(args.seq_len), str(args.steps)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=here)
     if done.returncode != 0:
@@ -92,13 +190,16 @@ def main() -> None:
     parser.add_argument("--batches", default="16,64,256,1024")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/dp_memory")
+    parser.add_argument("--torch-python", default=sys.executable)
     args = parser.parse_args()
+    probe = subprocess.run([args.torch_python, "-c", "import torch, opacus"], capture_output=True)
+    variants = VARIANTS + (TORCH_VARIANTS if probe.returncode == 0 else ())
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
     from common import machine, write
 
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        for variant in VARIANTS:
+        for variant in variants:
             result = {"variant": variant, "batch": batch, **run(variant, batch, args)}
             rows.append(result)
             print(json.dumps(result), flush=True)
@@ -124,9 +225,11 @@ def main() -> None:
             f"{r['step_s']:.3f} | {mem} | {time_ratio} |"
         )
     params = next((r["parameters"] for r in rows if "parameters" in r), 0)
+    torch_versions = next((r["versions"] for r in rows if "versions" in r), None)
+    note = f"; PyTorch rows: {torch_versions}" if torch_versions else ""
     out.with_suffix(".md").write_text(
         f"Transformer, {params / 1e6:.1f}M parameters, sequence length {args.seq_len}, "
-        f"CPU\n\n" + "\n".join(lines) + "\n"
+        f"CPU{note}\n\n" + "\n".join(lines) + "\n"
     )
     print(f"wrote {out}.json and {out}.md")
 
