@@ -13,25 +13,14 @@ and records what it did in a :class:`ClipStats`::
 from jaxclip._clip import AdaptiveClipState
 from jaxclip._rules import AutoClipState, QuantileState, ZClipState
 from jaxclip._stats import ClipStats, get_stats, stats_dict
-from jaxclip.adaptive import (
-    AdaGCState,
-    adagc,
-    autoclip,
-    quantile_clip,
-    zclip,
-)
+from jaxclip.adaptive import AdaGCState, adagc, autoclip, quantile_clip, zclip
 from jaxclip.agc import agc
 from jaxclip.diagnostics import GradReport, diagnose
 from jaxclip.fixed import clip_by_global_norm, clip_by_norm, clip_by_value, clip_tree
 from jaxclip.ghost import ghost_clipped_sum, per_example_norms
 from jaxclip.guards import SkipOnSpikeState, skip_on_spike
 from jaxclip.norms import global_norm, leaf_norms
-from jaxclip.optimizer_aware import (
-    SpikeAwareState,
-    StableUpdateState,
-    spike_aware,
-    stable_update,
-)
+from jaxclip.optimizer_aware import SpikeAwareState, StableUpdateState, spike_aware, stable_update
 from jaxclip.per_example import (
     ClippedSum,
     PerExampleClipState,

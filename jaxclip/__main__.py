@@ -98,9 +98,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "the network learned the task."
     )
     methods = args.methods  # argparse applies _methods to the default too
-    histories = []
-    for method in methods:
-        histories.append(demo.train(method, config, _ProgressBar(method, config.steps)))
+    histories = [demo.train(m, config, _ProgressBar(m, config.steps)) for m in methods]
     rows = [h.summary for h in histories]
     print()
     print(demo.format_table(rows))
@@ -113,11 +111,11 @@ def run_demo(args: argparse.Namespace) -> int:
     with open(args.out / "history.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "step", "loss", "norm", "threshold", "clipped"])
-        for h in histories:
-            for i in range(len(h.loss)):
-                writer.writerow(
-                    [h.method, i, h.loss[i], h.norm[i], h.threshold[i], int(h.clipped[i])]
-                )
+        writer.writerows(
+            [h.method, i, h.loss[i], h.norm[i], h.threshold[i], int(h.clipped[i])]
+            for h in histories
+            for i in range(len(h.loss))
+        )
     written = [args.out / "summary.json", args.out / "history.csv"]
     try:
         from jaxclip import plot
@@ -132,10 +130,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "demo":
-        return run_demo(args)
-    return 2  # unreachable: argparse requires a command
+    return run_demo(_parser().parse_args(argv))  # "demo", the only command
 
 
 if __name__ == "__main__":

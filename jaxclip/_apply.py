@@ -165,16 +165,10 @@ def raise_if_nonfinite(
     names = [_checks.path_str(p) for p in paths]
 
     def report(has_nan: Sequence[Array], has_inf: Sequence[Array]) -> None:
-        bad = []
-        for name, n, i in zip(names, has_nan, has_inf):
-            kinds = [k for k, flag in (("NaN", n), ("inf", i)) if bool(flag)]
-            if kinds:
-                bad.append(f"{name} has {' and '.join(kinds)}")
-        detail = (
-            "; ".join(bad)
-            if bad
-            else "no element is NaN or inf, but the norm overflows the accumulation dtype"
-        )
+        kinds = [[k for k, f in (("NaN", n), ("inf", i)) if f] for n, i in zip(has_nan, has_inf)]
+        bad = [f"{name} has {' and '.join(k)}" for name, k in zip(names, kinds) if k]
+        overflow = "no element is NaN or inf, but the norm overflows the accumulation dtype"
+        detail = "; ".join(bad) or overflow
         raise FloatingPointError(
             f"{owner}: non-finite gradient ({detail}). Use nonfinite='skip' to skip such "
             "steps, 'zero' to zero the non-finite elements, or 'propagate' to pass them on."

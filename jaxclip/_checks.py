@@ -27,9 +27,7 @@ def is_traced(value: Any) -> TypeGuard[Tracer]:
 
 def concrete_value(value: Any) -> float | None:
     """Returns ``value`` as a Python float when it can be read now, else None."""
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)):  # bool too
         return float(value)
     if is_traced(value):
         return None
@@ -75,16 +73,12 @@ def check_scalar(
         raise TypeError(
             f"{owner}: {name} must be a real number or a scalar array, got {_describe(value)}."
         )
-    if is_traced(value):
-        if value.ndim != 0:
-            raise ValueError(
-                f"{owner}: {name} must be a scalar, got an array of shape {value.shape}."
-            )
-        return
     if np.ndim(value) != 0:
         raise ValueError(
             f"{owner}: {name} must be a scalar, got an array of shape {np.shape(value)}."
         )
+    if is_traced(value):
+        return
     dtype = np.asarray(value).dtype
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         raise TypeError(f"{owner}: {name} must be a real number, got {_describe(value)}.")
@@ -141,20 +135,17 @@ def check_order(owner: str, value: Any) -> float:
     """
     if value is None:
         return 2.0
-    if isinstance(value, str):
-        if value.lower() in ("inf", "infinity"):
-            return math.inf
-        raise ValueError(f"{owner}: ord must be 1, 2, inf or a real number >= 1, got {value!r}.")
+    if isinstance(value, str) and value.lower() in ("inf", "infinity"):
+        return math.inf
     if is_traced(value):
         raise ValueError(
             f"{owner}: ord must be a Python number, but it is traced. Under "
             "optax.inject_hyperparams pass static_args=('ord',), or leave ord at its "
             "default (None, the L2 norm)."
         )
-    if isinstance(value, bool) or concrete_value(value) is None:
+    p = None if isinstance(value, bool) else concrete_value(value)  # None for other strings
+    if p is None:
         raise ValueError(f"{owner}: ord must be 1, 2, inf or a real number >= 1, got {value!r}.")
-    p = concrete_value(value)
-    assert p is not None
     if math.isnan(p) or p < 1:
         raise ValueError(f"{owner}: ord must be 1, 2, inf or a real number >= 1, got {p}.")
     return p
@@ -182,15 +173,7 @@ def check_axis(owner: str, axis: Any) -> tuple[int, ...] | None:
 
 def path_name(path: Sequence[Any]) -> str:
     """A pytree path as slash-separated keys, e.g. ``layers/0/kernel``."""
-    parts = []
-    for key in path:
-        for attr in ("name", "key", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def check_static_int(owner: str, name: str, value: Any, minimum: int) -> int:

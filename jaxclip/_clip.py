@@ -1,18 +1,10 @@
-"""The clipper pattern: a measure, a threshold rule, an application.
+"""The clipper pattern: a measure, a threshold rule, an application (``docs/architecture.md``).
 
-Every norm-based clipper measures the gradient, asks a rule how big is too big,
-and applies the scale under a non-finite policy, recording a ``ClipStats``:
-
-- :func:`rule_clipper`: the global norm and a rule ``(state, norm, step) ->
-  threshold`` (``_rules.py``): ``clip_by_global_norm`` (a constant rule),
-  ``autoclip``, ``zclip``, ``quantile_clip``.
-- :func:`unit_clipper`: the norm of each unit (a leaf, a slice of a leaf, or
-  the whole gradient as one unit) and a decision of each unit's scale:
-  ``clip_by_norm``, ``agc`` (units of the weights measured alongside) and
-  ``adagc``.
-
-Information flows only through arguments and states: a transformation never
-learns what another one measured.
+Every norm-based clipper measures the gradient, asks a rule how big is too big, and
+applies the scale under a non-finite policy, recording a ``ClipStats``:
+:func:`rule_clipper` by the global norm and a rule (``_rules.py``), :func:`unit_clipper`
+by the norm of each unit. Information flows only through arguments and states: a
+transformation never learns what another one measured.
 """
 
 from __future__ import annotations
@@ -80,9 +72,7 @@ class Mapped(NamedTuple):
     def combine(self, flags: list[bool], values: list[Array], collective: Any) -> list[Array]:
         """Per-leaf values combined over the mapped axes with ``collective``
         (``lax.psum``, ``lax.pmax``); a replicated leaf's value as it is."""
-        if self.axis_name is None:
-            return values
-        return [v if r else collective(v, self.axis_name) for v, r in zip(values, flags)]
+        return _norms.across(values, self.axis_name, flags, collective)
 
 
 def mapped(owner: str, axis_name: Any, replicated: Any) -> Mapped:

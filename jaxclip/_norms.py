@@ -1,21 +1,12 @@
 """Robust p-norms: of all leaves together, and of each leaf or slice of a leaf.
 
-The numerics every clipper shares, written once:
-
-- Sums of ``|x|^p`` accumulate in float32, or in float64 for every leaf
-  when one of the leaves measured together is float64.
-- The common case is one pass: a plain sum per leaf (or per unit, a slice of a
-  leaf along some axes).
-- A sum that is not finite, or so small that its terms may have underflowed, is
-  redone in a second pass over ``|x| / u``, u the unit's largest magnitude.
-  One ``lax.cond`` decides for the whole call, so the rescue costs nothing
-  when it does not run. No finite input then gets an infinite or
-  zero norm unless its true norm lies outside the accumulation dtype's range.
-- Square roots have a finite gradient at zero.
-
-Leaves go in; out come their norms as one vector of units, leaf after leaf,
-with the shapes that split it back per leaf. How the work is grouped inside is
-nobody else's business.
+The numerics every clipper shares (``docs/architecture.md``): sums of ``|x|^p`` in
+float32 (float64 for all when a leaf is float64), in one plain pass; a sum that is not
+finite or may have underflowed is redone over ``|x| / u``, u the unit's largest
+magnitude, under one ``lax.cond`` for the whole call. No finite input then gets an
+infinite or zero norm unless its true norm lies outside the accumulation dtype's range.
+Square roots have a finite gradient at zero. Out come the norms as one vector of units,
+leaf after leaf, with the shapes that split it back per leaf.
 """
 
 from __future__ import annotations
@@ -39,13 +30,6 @@ def accumulation_dtype(dtypes: Sequence[Any]) -> np.dtype:
     if any(np.dtype(d) == np.float64 for d in dtypes):
         return np.dtype(np.float64)
     return np.dtype(np.float32)
-
-
-def _smallest_safe_sum(dtype: Any) -> float:
-    """Below this a sum of ``|x|^p`` may have lost digits to terms that underflowed:
-    the smallest normal number over the machine epsilon (2^-103 in float32)."""
-    info = np.finfo(dtype)
-    return float(info.tiny / info.eps)
 
 
 def widened(x: Array, dtype: Any) -> Array:
@@ -148,35 +132,25 @@ class Scale(NamedTuple):
         return cls(1 / u, u)
 
 
-class _Across(NamedTuple):
-    """Completes reductions over mapped axes: a leaf sharded over ``axis_name`` has
-    its partial sums added (``psum``) and maxima compared (``pmax``); a replicated
-    leaf is whole on every device and counted once."""
-
-    axis_name: Any
-    replicated: Sequence[bool]
-
-    def sum(self, i: int, x: Array) -> Array:
-        if self.axis_name is None or self.replicated[i]:
-            return x
-        return lax.psum(x, self.axis_name)
-
-    def max(self, i: int, x: Array) -> Array:
-        if self.axis_name is None or self.replicated[i]:
-            return x
-        return lax.pmax(x, self.axis_name)
-
-
-def _across(leaves: Sequence[Array], axis_name: Any, replicated: Sequence[bool] | None) -> _Across:
-    return _Across(axis_name, list(replicated) if replicated is not None else [False] * len(leaves))
+def across(
+    values: Sequence[Array], axis_name: Any, replicated: Sequence[bool] | None, collective: Any
+) -> list[Array]:
+    """Per-leaf partial results completed over the mapped ``axis_name`` with
+    ``collective`` (``lax.psum``, ``lax.pmax``); the value of a replicated leaf (whole
+    on every device, counted once) as it is. ``replicated`` None: no leaf is."""
+    if axis_name is None:
+        return list(values)
+    flags = [False] * len(values) if replicated is None else replicated
+    return [v if r else collective(v, axis_name) for v, r in zip(values, flags)]
 
 
 def _needs_rescue(s: Array, p: float, zero_sums_are_zero: bool) -> Array:
     """Per sum of ``|x|^p``: not finite, or small enough that terms may have underflowed
     (never for p = 1, whose terms are as large as the elements)."""
     bad = ~jnp.isfinite(s)
-    if p != 1:
-        tiny = s < _smallest_safe_sum(s.dtype)
+    if p != 1:  # below the smallest normal over the epsilon (2^-103 in float32)
+        info = np.finfo(s.dtype)
+        tiny = s < float(info.tiny / info.eps)
         bad = bad | ((s > 0) & tiny if zero_sums_are_zero else tiny)
     return bad
 
@@ -203,21 +177,15 @@ def global_norm_and_finite(
       ``(norm, finite)``: a scalar of the accumulation dtype of all the leaves
       and a bool, False when an element is NaN or inf or the norm overflows.
     """
-    across = _across(leaves, axis_name, replicated)
     acc = accumulation_dtype([x.dtype for x in leaves])
     work = [i for i, x in enumerate(leaves) if x.size]
     if not work:
         return jnp.zeros((), acc), jnp.array(True)
+    flags = [False if replicated is None else replicated[i] for i in work]
 
     def largest(sanitized: bool) -> Array:
-        return _largest([across.max(i, _max_abs(leaves[i], None, acc, sanitized)) for i in work])
-
-    if p == math.inf:
-        raw = largest(False)
-        finite = jnp.isfinite(raw)
-        if not sanitize:
-            return raw, finite
-        return lax.cond(finite, lambda: raw, lambda: largest(True)), finite
+        maxima = [_max_abs(leaves[i], None, acc, sanitized) for i in work]
+        return jnp.max(joined(across(maxima, axis_name, flags, lax.pmax)))
 
     if p != 1 and p != 2:  # as PyTorch: each leaf's norm, then the norm of those
         per_leaf = unit_norms(
@@ -226,14 +194,15 @@ def global_norm_and_finite(
             [None] * len(work),
             sanitize=sanitize,
             axis_name=axis_name,
-            replicated=[across.replicated[i] for i in work],
+            replicated=flags,
         )
         norm = combine_norms([per_leaf.norms], p)
         return norm, jnp.all(per_leaf.finite) & jnp.isfinite(norm)
 
     # all in the tree's accumulation dtype: the squares of float32 leaves beside
     # float64 ones must not underflow in float32
-    total = _add([across.sum(i, jnp.sum(_powers(leaves[i], p, acc, False))) for i in work])
+    sums = [jnp.sum(_powers(leaves[i], p, acc, False)) for i in work]
+    total = _add(across(sums, axis_name, flags, lax.psum))
 
     def plain() -> tuple[Array, Array]:
         norm = _root(total, p)
@@ -247,7 +216,7 @@ def global_norm_and_finite(
         # broadcasts it once for all the leaves of a shape, and writes that out
         apart = [lax.optimization_barrier((leaves[i], scale.shrink)) for i in work]
         sums = [jnp.sum(_powers(x, p, acc, sanitize, u)) for x, u in apart]
-        norm = _root(_add([across.sum(i, s) for i, s in zip(work, sums)]), p) * scale.grow
+        norm = _root(_add(across(sums, axis_name, flags, lax.psum)), p) * scale.grow
         return norm, jnp.isfinite(raw) & jnp.isfinite(norm)
 
     return lax.cond(_needs_rescue(total, p, False), rescue, plain)
@@ -265,14 +234,6 @@ class UnitNorms(NamedTuple):
     def per_leaf(self, values: Array | None = None) -> list[Array]:
         """``values`` (default: the norms), one per unit, as one array per leaf."""
         return split(self.norms if values is None else values, self.shapes)
-
-
-def _norm_shape(shape: tuple[int, ...], axes: Axes) -> tuple[int, ...]:
-    """The shape of a leaf's unit norms: () for the whole leaf, else the leaf's
-    shape with the unit axes kept as size-1 dimensions (it broadcasts)."""
-    if axes is None:
-        return ()
-    return tuple(1 if d in axes else n for d, n in enumerate(shape))
 
 
 def split(values: Array, shapes: Sequence[tuple[int, ...]]) -> list[Array]:
@@ -318,19 +279,19 @@ def unit_norms(
     Returns:
       A :class:`UnitNorms`, in the accumulation dtype of all the leaves.
     """
-    shapes = tuple(_norm_shape(x.shape, a) for x, a in zip(leaves, axes))
+    # a leaf's unit norms: () for the whole leaf, else the leaf's shape with the unit
+    # axes kept as size-1 dimensions (it broadcasts)
+    shapes = tuple(
+        () if a is None else tuple(1 if d in a else n for d, n in enumerate(x.shape))
+        for x, a in zip(leaves, axes)
+    )
     acc = accumulation_dtype([x.dtype for x in leaves])
     if not leaves:
         return UnitNorms(jnp.zeros((0,), acc), jnp.zeros((0,), bool), shapes)
-    across = _across(leaves, axis_name, replicated)
 
     def maxima(sanitized: bool) -> Array:
-        return joined(
-            [
-                across.max(i, _max_abs(x, a, acc, sanitized))
-                for i, (x, a) in enumerate(zip(leaves, axes))
-            ]
-        )
+        found = [_max_abs(x, a, acc, sanitized) for x, a in zip(leaves, axes)]
+        return joined(across(found, axis_name, replicated, lax.pmax))
 
     if p == math.inf:
         raw = maxima(False)
@@ -343,14 +304,11 @@ def unit_norms(
 
     def sums(shrink: Array | None = None, sanitized: bool = False) -> Array:
         shrinks = [None] * len(leaves) if shrink is None else split(shrink, shapes)
-        return joined(
-            [
-                across.sum(
-                    i, jnp.sum(_powers(x, p, acc, sanitized, u), axis=a, keepdims=a is not None)
-                )
-                for i, (x, a, u) in enumerate(zip(leaves, axes, shrinks))
-            ]
-        )
+        found = [
+            jnp.sum(_powers(x, p, acc, sanitized, u), axis=a, keepdims=a is not None)
+            for x, a, u in zip(leaves, axes, shrinks)
+        ]
+        return joined(across(found, axis_name, replicated, lax.psum))
 
     first = sums()
     bad = _needs_rescue(first, p, zero_sums_are_zero)
@@ -422,8 +380,3 @@ def _add(scalars: Sequence[Array]) -> Array:
     for s in scalars[1:]:
         total = total + s
     return total
-
-
-def _largest(scalars: Sequence[Array]) -> Array:
-    """The largest of a non-empty sequence of scalars (NaN if one is NaN)."""
-    return jnp.max(joined(scalars))

@@ -1,14 +1,9 @@
 """Adaptive threshold rules: pure functions of a small state and the latest norm.
 
-A rule is ``init(dtype) -> state`` (None for a rule without state) and
-``step(state, norm, count) -> RuleStep`` (count: the updates seen so far, for
-schedules): the norm to clip to at this step, the boundary to report (norms
-above it are clipped), the next state and the rule's own statistics. Rules see
-no gradients, so they are tested by feeding them sequences of norms.
-``_clip.rule_clipper`` measures the gradient, asks its rule, rescales, and
-keeps the old rule state on non-finite steps.
-
-Each rule follows its paper's reference implementation; departures are noted.
+A rule is ``init(dtype) -> state`` (None: no state) and ``step(state, norm, count) ->
+RuleStep`` (count: updates seen, for schedules). Rules see no gradients, so tests feed
+them sequences of norms (``docs/architecture.md``). Each follows its paper's reference
+implementation; departures are noted.
 """
 
 from __future__ import annotations

@@ -109,10 +109,7 @@ def next_stats(
     dtype = previous.norm.dtype
     clipped = jnp.asarray(clipped, bool)
     finite = jnp.asarray(finite, bool)
-    new_extra = dict(previous.extra)
-    if extra:
-        for k, v in extra.items():
-            new_extra[k] = jnp.asarray(v, previous.extra[k].dtype)
+    new_extra = {k: jnp.asarray(v, previous.extra[k].dtype) for k, v in (extra or {}).items()}
     return ClipStats(
         norm=jnp.asarray(norm, dtype),
         threshold=jnp.asarray(threshold, dtype),
@@ -122,15 +119,13 @@ def next_stats(
         step=previous.step + 1,
         clipped_steps=previous.clipped_steps + clipped.astype(jnp.int32),
         nonfinite_steps=previous.nonfinite_steps + (~finite).astype(jnp.int32),
-        extra=new_extra,
+        extra={**previous.extra, **new_extra},
     )
 
 
-def _find(opt_state: Any) -> list[tuple[str, ClipStats]]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(
-        opt_state, is_leaf=lambda node: isinstance(node, ClipStats)
-    )
-    return [(_checks.path_name(path), node) for path, node in flat if isinstance(node, ClipStats)]
+def _find(opt_state: Any, kind: type = ClipStats) -> list[tuple[str, Any]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=lambda n: isinstance(n, kind))
+    return [(_checks.path_name(path), node) for path, node in flat if isinstance(node, kind)]
 
 
 def get_stats(opt_state: Any) -> ClipStats | dict[str, ClipStats]:

@@ -56,17 +56,14 @@ def autoclip(
         shape; pass it in ``static_args`` of ``optax.inject_hyperparams``).
       eps: added to the norm in the scale, as PyTorch does; 0 gives
         ``threshold / norm``.
-      nonfinite: the policy for NaN or inf gradients, as in
-        :func:`~jaxclip.clip_by_global_norm`; such norms never enter the history.
-      max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
-        in a row, as in :func:`~jaxclip.clip_by_global_norm`.
+      nonfinite: as in :func:`~jaxclip.clip_by_global_norm`; such norms never enter the history.
+      max_consecutive_skips: the most skips in a row, as in :func:`~jaxclip.clip_by_global_norm`.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
-      An ``optax.GradientTransformation`` with state
-      :class:`AdaptiveClipState` (``rule``: an ``AutoClipState`` with the norm
-      buffer and the count). ``stats.threshold`` is the percentile in force;
-      ``stats.extra["seen"]`` counts the norms seen.
+      An ``optax.GradientTransformation`` with state :class:`AdaptiveClipState`
+      (``rule``: an ``AutoClipState``, the norm buffer and the count); ``stats.extra``:
+      ``seen``, the norms seen (``docs/guides/statistics.md``).
 
     Example:
       >>> import jax.numpy as jnp, jaxclip
@@ -138,19 +135,15 @@ def zclip(
         whenever norms exceed 1.
       skip_update_on_spike: do not update the statistics on spike steps.
       eps: added to the standard deviation in the z-score.
-      nonfinite: the policy for NaN or inf gradients, as in
-        :func:`~jaxclip.clip_by_global_norm`; such steps leave the statistics
-        unchanged.
-      max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
-        in a row, as in :func:`~jaxclip.clip_by_global_norm`.
+      nonfinite: as in :func:`~jaxclip.clip_by_global_norm`; such steps leave the
+        statistics unchanged.
+      max_consecutive_skips: the most skips in a row, as in :func:`~jaxclip.clip_by_global_norm`.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
-      An ``optax.GradientTransformation`` with state
-      :class:`AdaptiveClipState` (``rule``: a ``ZClipState`` with seen, mean
-      and var). ``stats.threshold`` is the norm above which this step counts as
-      a spike (the cap, or inf, during warmup); ``stats.extra`` holds the
-      ``mean``, ``std``, ``z``, ``spike`` (0/1) and ``warmup`` (0/1).
+      An ``optax.GradientTransformation`` with state :class:`AdaptiveClipState`
+      (``rule``: a ``ZClipState`` with seen, mean and var); ``stats.extra``: ``mean``,
+      ``std``, ``z``, ``spike`` and ``warmup`` (``docs/guides/statistics.md``).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jaxclip
@@ -234,17 +227,14 @@ def quantile_clip(
       initial_threshold: the starting C, >= 0. The default 1.0 starts as the
         common fixed clip; TensorFlow Federated uses 0.1 for per-example norms.
       update: ``"geometric"`` or ``"arithmetic"``.
-      nonfinite: the policy for NaN or inf gradients, as in
-        :func:`~jaxclip.clip_by_global_norm`; such steps leave C unchanged.
-      max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
-        in a row, as in :func:`~jaxclip.clip_by_global_norm`.
+      nonfinite: as in :func:`~jaxclip.clip_by_global_norm`; such steps leave C unchanged.
+      max_consecutive_skips: the most skips in a row, as in :func:`~jaxclip.clip_by_global_norm`.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
-      An ``optax.GradientTransformation`` with state
-      :class:`AdaptiveClipState` (``rule``: a ``QuantileState`` holding C).
-      ``stats.threshold`` is the C used at this step; ``stats.extra["below"]``
-      is 1 when the norm was at or below it.
+      An ``optax.GradientTransformation`` with state :class:`AdaptiveClipState`
+      (``rule``: a ``QuantileState`` holding C); ``stats.extra``: ``below``, 1 when
+      the norm was at most C (``docs/guides/statistics.md``).
 
     Example:
       >>> import jax.numpy as jnp, jaxclip
@@ -337,19 +327,15 @@ def adagc(
         axis, for every leaf) or a function ``(path, leaf) -> int or None``,
         e.g. ``lambda path, x: 0 if path.startswith("layers/") else None``.
         Each slice along that axis is then a unit with its own gamma.
-      nonfinite: the policy for NaN or inf gradients, as in
-        :func:`~jaxclip.clip_by_global_norm`; such steps leave gamma unchanged.
-      max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
-        in a row, as in :func:`~jaxclip.clip_by_global_norm`.
+      nonfinite: as in :func:`~jaxclip.clip_by_global_norm`; such steps leave gamma unchanged.
+      max_consecutive_skips: the most skips in a row, as in :func:`~jaxclip.clip_by_global_norm`.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
       An ``optax.GradientTransformation`` with state :class:`AdaGCState`; it
-      needs the parameters (or the gradient's shapes) at ``init``. ``stats``
-      holds the global pre-clip norm, ``threshold`` (``warmup_max_norm`` during
-      warmup, then the norm of the vector of per-unit limits ``lambda_rel *
-      gamma``), and in ``extra``: ``clipped_fraction``, ``gamma_min``,
-      ``gamma_max`` and ``warmup`` (0/1).
+      needs the parameters (or the gradient's shapes) at ``init``. ``stats.extra``:
+      ``clipped_fraction``, ``gamma_min``, ``gamma_max``, ``warmup``
+      (``docs/guides/statistics.md``).
 
     Example:
       >>> import jax.numpy as jnp, jaxclip

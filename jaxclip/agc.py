@@ -87,18 +87,14 @@ def agc(
         (``lambda path, p: p.ndim <= 1`` for biases and scales), or a pytree of
         booleans shaped like the parameters. The paper does not clip the final
         classifier layer.
-      nonfinite: the policy for NaN or inf gradients, as in
-        :func:`~jaxclip.clip_by_global_norm`.
-      max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
-        in a row, as in :func:`~jaxclip.clip_by_global_norm`.
+      nonfinite: the policy for NaN or inf gradients, as in :func:`~jaxclip.clip_by_global_norm`.
+      max_consecutive_skips: the most skips in a row, as in :func:`~jaxclip.clip_by_global_norm`.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
-      An ``optax.GradientTransformation`` that needs ``params`` in ``update``.
-      Its :class:`~jaxclip.ClipStats` has the global norm of the clipped leaves,
-      ``threshold`` = ``clipping``, ``scale`` = global norm after / before, and
-      in ``extra``: ``clipped_fraction`` (of units) and ``max_ratio`` (the
-      largest ``||G_unit|| / W*``).
+      An ``optax.GradientTransformation`` that needs ``params`` in ``update``; its
+      ``stats.extra``: ``clipped_fraction`` (of units) and ``max_ratio``, the largest
+      ``||G_unit|| / W*`` (``docs/guides/statistics.md``).
 
     Example:
       >>> import jax.numpy as jnp, jaxclip

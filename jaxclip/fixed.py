@@ -208,20 +208,15 @@ def clip_by_norm(
       ord: None or 2 (L2, default), 1, ``inf`` or any real p >= 1.
       axis: None (one norm per leaf) or the axes to reduce; negative axes count
         from the end. Every leaf must have them.
-      nonfinite: ``"propagate"`` (default): a slice whose norm is NaN becomes
-        NaN, one whose norm is infinite becomes zeros and NaN, others are clipped
-        as usual; ``"skip"``: zero updates when any element is non-finite;
-        ``"zero"``: non-finite elements set to zero; ``"error"``: raise, naming
-        the leaves. See :func:`clip_by_global_norm`.
-      max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
-        in a row, as in :func:`~jaxclip.clip_by_global_norm`.
+      nonfinite: as in :func:`clip_by_global_norm`, but ``"propagate"`` acts per slice:
+        one whose norm is NaN becomes NaN, one whose norm is infinite zeros and
+        NaN, the others are clipped as usual.
+      max_consecutive_skips: the most skips in a row, as in :func:`~jaxclip.clip_by_global_norm`.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
-      An ``optax.GradientTransformation``. Its :class:`~jaxclip.ClipStats`
-      holds the global pre-clip norm, ``scale`` = global norm after / before,
-      ``extra["clipped_fraction"]`` (the fraction of leaves, or slices, clipped)
-      and ``extra["max_unit_norm"]`` (the largest leaf or slice norm).
+      An ``optax.GradientTransformation``; its ``stats.extra``: ``clipped_fraction``
+      and ``max_unit_norm`` (``docs/guides/statistics.md``).
 
     Example:
       >>> import jax.numpy as jnp, jaxclip
@@ -291,20 +286,14 @@ def clip_by_value(
         norm before clipping and the largest element magnitude instead. Both
         read the gradient and the clipped gradient once more each, besides the
         clip.
-      axis_name: for a gradient sharded over mapped axes (``shard_map``,
-        ``pmap``): the axes over which the statistics' norms and counts are
-        summed. The clip itself is element-wise and needs no exchange.
+      axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``),
+        for the statistics: the clip itself is element-wise and needs no exchange.
       replicated: with ``axis_name``, the leaves that are whole on every device.
 
     Returns:
       An ``optax.GradientTransformation``. Bounds are rounded to each leaf's
-      dtype. Its :class:`~jaxclip.ClipStats` holds the pre-clip global L2
-      ``norm``, ``threshold`` = the largest absolute bound, ``clipped`` =
-      whether any element lay outside its bounds and, with
-      ``statistics="full"``, ``scale`` = post-clip norm / pre-clip norm and
-      ``extra["clipped_fraction"]``, the fraction of elements clipped; with
-      ``"light"``, ``scale`` = the largest element magnitude after clipping /
-      before and ``extra["max_abs"]``, the largest magnitude before.
+      dtype. ``stats.threshold`` is the largest absolute bound; ``stats.extra``:
+      ``clipped_fraction`` (``"light"``: ``max_abs``) (``docs/guides/statistics.md``).
 
     Raises:
       ValueError: at construction for NaN bounds, ``min_value > max_value``, a
@@ -345,8 +334,7 @@ def clip_by_value(
         else:
             los = _bound_leaves(owner, "min_value", min_value, updates, paths, leaves)
         # rounded to each leaf's dtype once, for the clip and the statistics alike
-        los = [lo.astype(x.dtype) for lo, x in zip(los, leaves)]
-        his = [hi.astype(x.dtype) for hi, x in zip(his, leaves)]
+        los, his = ([b.astype(x.dtype) for b, x in zip(bs, leaves)] for bs in (los, his))
 
         clipped_leaves = [jnp.clip(x, lo, hi) for x, lo, hi in zip(leaves, los, his)]
         new_updates = _checks.replace_leaves(updates, paths, clipped_leaves)
@@ -470,11 +458,8 @@ def _bound_leaves(
         out = []
         for path, x in zip(paths, leaves):
             b = bound_by_path[tuple(path)]
-            try:
-                fits = np.broadcast_shapes(b.shape, x.shape) == x.shape
-            except ValueError:
-                fits = False
-            if not fits:
+            ok = b.ndim <= x.ndim and all(d in (1, n) for d, n in zip(b.shape, x.shape[-b.ndim :]))
+            if not ok:
                 raise ValueError(
                     f"{owner}: {name} at {_checks.path_str(path)} has shape {b.shape}, which "
                     f"does not broadcast to the gradient's shape {x.shape}."

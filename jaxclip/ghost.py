@@ -315,7 +315,7 @@ def _batch_split(batch: Any) -> tuple[Any, tuple[str, ...]] | None:
     for x in jax.tree.leaves(batch):
         sharding = getattr(jax.typeof(x), "sharding", None)
         spec = getattr(sharding, "spec", None)
-        if spec and spec[0] is not None:
+        if sharding is not None and spec and spec[0] is not None:
             return sharding.mesh, spec[0] if isinstance(spec[0], tuple) else (spec[0],)
     return None
 

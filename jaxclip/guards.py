@@ -75,24 +75,19 @@ def skip_on_spike(
       window: the window length, a Python int >= 2 (static: it fixes the state's
         shape).
       factor: how many standard deviations above the mean count as a spike, > 0.
-      max_consecutive_skips: None (default: no limit) or an int >= 0: the most
-        steps skipped in a row; the next is taken and counted in
-        ``stats.extra["forced_steps"]``.
-      axis_name: for a gradient sharded over mapped axes (``shard_map``,
-        ``pmap``): the axes over which the norm is summed, so that every device
-        takes the same decision. The loss must then be the same on every device
-        (e.g. its ``pmean``).
+      max_consecutive_skips: None (default: no limit) or the most steps skipped in
+        a row, an int >= 0; the next is taken and counted in ``forced_steps``.
+      axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``);
+        the loss must then be the same on every device (e.g. its ``pmean``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call
       ``update(grads, state, params, loss=loss)`` to watch the loss too. Its
       :class:`SkipOnSpikeState` holds a :class:`~jaxclip.ClipStats` where
-      ``clipped`` means skipped (``clipped_steps`` counts skips), ``scale`` is 0
-      on skipped steps, ``threshold`` is the norm above which a step is skipped,
-      and ``extra`` has the windows' ``norm_mean``, ``norm_std``,
-      ``loss_mean``, ``loss_std``, this step's ``loss`` and ``forced_steps``
-      (steps taken because of ``max_consecutive_skips``, so far).
+      ``clipped`` means skipped and ``scale`` is 0 on skipped steps; ``extra``:
+      ``norm_mean``, ``norm_std``, ``loss_mean``, ``loss_std``, ``loss`` and
+      ``forced_steps`` (``docs/guides/statistics.md``).
 
     Example:
       >>> import jax.numpy as jnp, optax, jaxclip
@@ -109,10 +104,7 @@ def skip_on_spike(
     """
     owner = "jaxclip.skip_on_spike"
     window = _checks.check_static_int(owner, "window", window, 2)
-    if max_consecutive_skips is not None:
-        max_consecutive_skips = _checks.check_static_int(
-            owner, "max_consecutive_skips", max_consecutive_skips, 0
-        )
+    max_consecutive_skips = _checks.check_nonfinite(owner, "skip", max_consecutive_skips)[1]
     _checks.check_scalar(owner, "factor", factor, minimum=0.0, strict=True)
     where = _clip.mapped(owner, axis_name, replicated)
     inner = optax.with_extra_args_support(inner)
@@ -144,13 +136,9 @@ def skip_on_spike(
         skip = ~norm_finite | (norm > boundary)
 
         loss = extra_args.get("loss")
-        loss_mean, loss_std, losses, loss_count = (
-            jnp.zeros((), dtype),
-            jnp.zeros((), dtype),
-            state.losses,
-            state.loss_count,
-        )
-        loss_value = jnp.zeros((), dtype)
+        # a fresh array each: a state whose fields share buffers cannot be donated
+        loss_mean, loss_std, loss_value = (jnp.zeros((), dtype) for _ in range(3))
+        losses, loss_count = state.losses, state.loss_count
         if loss is not None:
             loss_value = jnp.asarray(loss).astype(dtype)
             if loss_value.shape != ():

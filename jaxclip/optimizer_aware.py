@@ -368,7 +368,7 @@ def stable_update(
             state.stats,
             norm=norm,
             threshold=jnp.asarray(threshold),
-            scale=functools.reduce(jnp.minimum, [f.astype(jnp.float32) for f in factors], 1.0),
+            scale=jnp.min(jnp.stack([jnp.float32(1)] + [f.astype(jnp.float32) for f in factors])),
             clipped=jnp.any(shrunk),
             finite=finite,
             extra={

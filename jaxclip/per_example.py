@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxclip import _apply, _checks, _clip, _norms
-from jaxclip._stats import ClipStats, initial_stats, next_stats
+from jaxclip._stats import ClipStats, _find, initial_stats, next_stats
 
 Array = jax.Array
 
@@ -104,9 +104,8 @@ def clip_and_sum(
         e.g. from ``jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, batch)``.
       clip_norm: the per-example norm bound C, >= 0.
       axis_name: mapped axes each example's gradient is sharded over.
-      nonfinite: ``"propagate"`` (NaN/inf examples poison the sum, as usual),
-        ``"zero"`` (their non-finite elements count as zero); the transform's
-        other policies act on the result.
+      nonfinite: ``"propagate"`` (NaN/inf examples poison the sum) or ``"zero"`` (their
+        non-finite elements count as zero); :func:`per_example_clip` applies the others.
 
     Returns:
       A :class:`ClippedSum`.
@@ -264,17 +263,14 @@ def per_example_clip(
       quantile_learning_rate: the geometric step size of the quantile update.
       count_noise_std: the count's noise standard deviation (adaptive with
         noise only); default batch size / 20.
-      nonfinite: the policy for NaN or inf gradients: ``"propagate"``,
-        ``"skip"`` (zero update), ``"zero"`` (non-finite elements count as zero)
-        or ``"error"``, as in :func:`~jaxclip.clip_by_global_norm`.
+      nonfinite: the policy for NaN or inf gradients, as in :func:`~jaxclip.clip_by_global_norm`.
       axis_name: mapped axes over which each example's gradient is sharded.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`PerExampleClipState`.
-      Its :class:`~jaxclip.ClipStats` holds the mean per-example norm
-      (``norm``), the C used (``threshold``), the mean per-example scale
-      (``scale``), and in ``extra``: ``clipped_fraction`` (of examples),
-      ``max_example_norm`` and ``noise_std`` (of the noise added to the sum).
+      Its :class:`~jaxclip.ClipStats` holds the mean per-example ``norm`` and
+      ``scale``, the C used and ``clipped_fraction``, ``max_example_norm`` and
+      ``noise_std`` (``docs/guides/statistics.md``).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jaxclip
@@ -308,9 +304,7 @@ def per_example_clip(
         c = _apply.as_array(max_norm, dtype)
         extra = {name: jnp.zeros((), dtype) for name in extra_names}
         return PerExampleClipState(
-            clip_norm=c,
-            key=jax.random.PRNGKey(seed),
-            stats=initial_stats(dtype, c, extra=extra),
+            clip_norm=c, key=jax.random.PRNGKey(seed), stats=initial_stats(dtype, c, extra=extra)
         )
 
     def update_fn(
@@ -410,14 +404,10 @@ def per_example_clip_norm(opt_state: Any) -> Array:
       >>> float(jaxclip.per_example_clip_norm(tx.init(jnp.zeros(2))))
       0.5
     """
-    found = [
-        node
-        for node in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, PerExampleClipState))
-        if isinstance(node, PerExampleClipState)
-    ]
+    found = _find(opt_state, PerExampleClipState)
     if len(found) != 1:
         raise ValueError(
             "jaxclip.per_example_clip_norm: expected one per_example_clip state, "
             f"found {len(found)}."
         )
-    return found[0].clip_norm
+    return found[0][1].clip_norm

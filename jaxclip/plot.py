@@ -20,10 +20,7 @@ except ImportError as _missing:  # without the extra
 
 
 def _axes(ax: Any, figsize: tuple[float, float]) -> tuple[Figure, Any]:
-    if ax is not None:
-        return ax.figure, ax
-    fig, ax = plt.subplots(figsize=figsize)
-    return fig, ax
+    return (ax.figure, ax) if ax is not None else plt.subplots(figsize=figsize)
 
 
 def norm_history(
@@ -65,9 +62,8 @@ def norm_history(
     if clipped is not None:
         mask = np.asarray(clipped, bool)
         ax.plot(steps[mask], values[mask], ".", ms=3, color="tab:red", label="clipped")
-    if not np.isfinite(values).all():
-        for s in steps[~np.isfinite(values)]:
-            ax.axvline(s, color="black", alpha=0.3, lw=0.5)
+    for s in steps[~np.isfinite(values)]:
+        ax.axvline(s, color="black", alpha=0.3, lw=0.5)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_title(title)
@@ -117,12 +113,7 @@ def losses(
     return fig
 
 
-def clip_field(
-    clippers: Mapping[str, Any],
-    *,
-    extent: float = 3.0,
-    points: int = 11,
-) -> Figure:
+def clip_field(clippers: Mapping[str, Any], *, extent: float = 3.0, points: int = 11) -> Figure:
     """How each clipper maps a 2-D gradient field: arrows from g to clip(g).
 
     Each panel shows a grid of gradients ``g`` (grey) and their clipped
@@ -170,9 +161,7 @@ def clip_field(
 
 
 def demo_runs(
-    histories: Sequence[Any],
-    baseline: float | None = None,
-    notes: Mapping[str, str] | None = None,
+    histories: Sequence[Any], baseline: float | None = None, notes: Mapping[str, str] | None = None
 ) -> Figure:
     """The demo's picture: loss curves, and each method's norm with its threshold.
 
