@@ -63,7 +63,7 @@ def test_eight_devices():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("check", ["shard_map", "pmap", "jit_2d_mesh"])
+@pytest.mark.parametrize("check", ["shard_map", "pmap", "jit_2d_mesh", "training"])
 def test_eight_devices_every_clipper(check):
     """Every clipper and option (checks.clippers)."""
     _run_checks([check], "all")
