@@ -182,6 +182,41 @@ def run(variant: str, batch: int, args: argparse.Namespace) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def report(rows: list[dict], seq_len: int) -> str:
+    """The results as a Markdown table; each PyTorch row against PyTorch's own
+    non-private step, each JAX row against JAX's."""
+    lines = [
+        "| batch | variant | peak RSS (MB) | XLA temporaries (MB) | step (s) | "
+        "vs non-private: memory | time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    floors = {
+        (r["variant"], r["batch"]): r
+        for r in rows
+        if r["variant"] in ("non-private", "torch non-private") and "error" not in r
+    }
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['batch']} | {r['variant']} | {r['error']} | | | | |")
+            continue
+        own = "torch non-private" if r["variant"] in TORCH_VARIANTS else "non-private"
+        base = floors.get((own, r["batch"]))
+        mem = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
+        time_ratio = f"{r['step_s'] / base['step_s']:.2f}x" if base else "-"
+        temp = "-" if r["xla_temp_mb"] is None else f"{r['xla_temp_mb']:.0f}"
+        lines.append(
+            f"| {r['batch']} | {r['variant']} | {r['peak_rss_mb']:.0f} | {temp} | "
+            f"{r['step_s']:.3f} | {mem} | {time_ratio} |"
+        )
+    params = next((r["parameters"] for r in rows if "parameters" in r), 0)
+    torch_versions = next((r["versions"] for r in rows if "versions" in r), None)
+    note = f"; PyTorch rows ({torch_versions}) against PyTorch's step" if torch_versions else ""
+    return (
+        f"Transformer, {params / 1e6:.1f}M parameters, sequence length {seq_len}, "
+        f"CPU{note}\n\n" + "\n".join(lines) + "\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--d-model", type=int, default=384)
@@ -206,31 +241,7 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write(str(out.with_suffix(".json")), {"machine": machine(), "args": vars(args), "rows": rows})
-    lines = [
-        "| batch | variant | peak RSS (MB) | XLA temporaries (MB) | step (s) | "
-        "vs non-private: memory | time |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    floor = {r["batch"]: r for r in rows if r["variant"] == "non-private" and "error" not in r}
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['batch']} | {r['variant']} | {r['error']} | | | | |")
-            continue
-        base = floor.get(r["batch"])
-        mem = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
-        time_ratio = f"{r['step_s'] / base['step_s']:.2f}x" if base else "-"
-        temp = "-" if r["xla_temp_mb"] is None else f"{r['xla_temp_mb']:.0f}"
-        lines.append(
-            f"| {r['batch']} | {r['variant']} | {r['peak_rss_mb']:.0f} | {temp} | "
-            f"{r['step_s']:.3f} | {mem} | {time_ratio} |"
-        )
-    params = next((r["parameters"] for r in rows if "parameters" in r), 0)
-    torch_versions = next((r["versions"] for r in rows if "versions" in r), None)
-    note = f"; PyTorch rows: {torch_versions}" if torch_versions else ""
-    out.with_suffix(".md").write_text(
-        f"Transformer, {params / 1e6:.1f}M parameters, sequence length {args.seq_len}, "
-        f"CPU{note}\n\n" + "\n".join(lines) + "\n"
-    )
+    out.with_suffix(".md").write_text(report(rows, args.seq_len))
     print(f"wrote {out}.json and {out}.md")
 
 
