@@ -20,7 +20,7 @@ time of the steps after the first:
   interpreter with torch and opacus; skipped when it has none).
 
 A process that runs out of memory is reported as such. Results go to
-benchmarks/results/dp_memory.{json,md}.
+benchmarks/results/dp_memory.{json,md,png} (``--render`` redraws them from the .json).
 """
 
 from __future__ import annotations
@@ -217,6 +217,39 @@ def report(rows: list[dict], seq_len: int) -> str:
     )
 
 
+def figure(rows: list[dict], path: pathlib.Path) -> None:
+    """Peak memory and step time against batch size, one line per variant."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (mem, time_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for variant in VARIANTS + TORCH_VARIANTS:
+        done = [r for r in rows if r["variant"] == variant and "error" not in r]
+        if not done:
+            continue
+        style = "--" if variant in TORCH_VARIANTS else "-"
+        batches = [r["batch"] for r in done]
+        mem.plot(batches, [r["peak_rss_mb"] for r in done], style, marker="o", label=variant)
+        time_ax.plot(batches, [r["step_s"] for r in done], style, marker="o", label=variant)
+    sizes = sorted({r["batch"] for r in rows})
+    for ax, label in ((mem, "peak resident memory (MB)"), (time_ax, "step time (s)")):
+        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel=label)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.grid(True, alpha=0.3)
+    mem.set_title("DP-SGD step, peak memory", fontsize="medium")
+    time_ax.set_title("DP-SGD step, time (dashed: PyTorch)", fontsize="medium")
+    time_ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--d-model", type=int, default=384)
@@ -226,7 +259,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/dp_memory")
     parser.add_argument("--torch-python", default=sys.executable)
+    parser.add_argument("--render", action="store_true", help="redraw from the .json")
     args = parser.parse_args()
+    out = pathlib.Path(args.out)
+    if args.render:
+        saved = json.loads(out.with_suffix(".json").read_text())
+        out.with_suffix(".md").write_text(report(saved["rows"], saved["args"]["seq_len"]))
+        figure(saved["rows"], out.with_suffix(".png"))
+        return
     probe = subprocess.run([args.torch_python, "-c", "import torch, opacus"], capture_output=True)
     variants = VARIANTS + (TORCH_VARIANTS if probe.returncode == 0 else ())
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -238,10 +278,10 @@ def main() -> None:
             result = {"variant": variant, "batch": batch, **run(variant, batch, args)}
             rows.append(result)
             print(json.dumps(result), flush=True)
-    out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write(str(out.with_suffix(".json")), {"machine": machine(), "args": vars(args), "rows": rows})
     out.with_suffix(".md").write_text(report(rows, args.seq_len))
+    figure(rows, out.with_suffix(".png"))
     print(f"wrote {out}.json and {out}.md")
 
 
