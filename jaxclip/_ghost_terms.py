@@ -150,12 +150,29 @@ def squared_norms(
                 else:
                     rows = _einsum("bhpq,bhtp->bhtq", blocks, x)
                 total = total + 2 * jnp.sum(rows * y, axis=(1, 2, 3))
+        pieces = _merged(pieces)
         for i, (xu, yu) in enumerate(pieces):
             for j in range(i, len(pieces)):
                 xv, yv = pieces[j]
                 cross = jnp.sum(_x_gram(xu, xv) * _einsum("bhtq,bhsq->bhts", yu, yv), (1, 2, 3))
                 total = total + (cross if i == j else 2 * cross)
     return total, explicit
+
+
+def _merged(pieces: list[Any]) -> list[Any]:
+    """Dense pieces of one leaf whose blocks and features agree, joined along the
+    positions: one Gram holds all their cross terms (the steps of an unrolled RNN)."""
+    groups: dict[Any, list[Any]] = {}
+    out = []
+    for x, y in pieces:
+        if isinstance(x, tuple):
+            out.append((x, y))
+        else:
+            groups.setdefault((x.shape[:2], x.shape[3:], y.shape[3:]), []).append((x, y))
+    for group in groups.values():
+        xs, ys = zip(*group)
+        out.append((jnp.concatenate(xs, axis=2), jnp.concatenate(ys, axis=2)))
+    return out
 
 
 def weighted_total(

@@ -8,7 +8,8 @@ evaluates the loss's jaxpr one equation at a time:
   alone by a layout or dtype change (transpose, reshape, broadcast, convert) is a
   *chain* of that parameter, replayable from it;
 - calls (``jit``, ``closed_call``, ``checkpoint``) that receive a chain are
-  evaluated inline, so that uses inside them are seen;
+  evaluated inline, so that uses inside them are seen; so is a ``scan`` that
+  reads parameters as constants, one step after another;
 - any other equation that reads a chain is a *site*: a zero probe is added to
   each of its floating-point outputs and its other inputs are returned, so that
   one backward pass of the summed batch loss gives, per example, the gradient
@@ -25,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+# longer scans that read parameters stay sites (each step unrolled is traced and compiled)
+_MAX_UNROLL = 256
 # evaluated inline when a parameter flows into them
 _INLINE = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat"})
 # single-input ops whose output is still "the parameter" for the analysis
@@ -193,6 +196,11 @@ class Interpreter:
                 for v, c in zip(eqn.outvars, out_chains):
                     if c is not None:
                         chains[v] = c
+            elif (
+                eqn.primitive.name == "scan"
+                and (unrolled := self._unrolled_scan(eqn, invals, in_chains)) is not None
+            ):
+                outs = unrolled
             elif _alias_ok(eqn):
                 (c,) = in_chains
                 assert c is not None
@@ -225,6 +233,43 @@ class Interpreter:
                 env[v] = x
         out_chains = [chain_of(v) for v in jaxpr.outvars]
         return [read(v) for v in jaxpr.outvars], out_chains
+
+    def _unrolled_scan(
+        self, eqn: Any, invals: Sequence[Any], in_chains: Sequence[Chain | None]
+    ) -> list[Any] | None:
+        """A ``scan`` that reads parameters as constants (an RNN's weights), evaluated
+        step after step, each step's uses sites of their own; None (the scan is then
+        a site) when a parameter enters as a carry or input, or leaves the body as
+        itself, or the scan is longer than ``_MAX_UNROLL``."""
+        params = eqn.params
+        n_consts, n_carry, length = params["num_consts"], params["num_carry"], params["length"]
+        body = params["jaxpr"]
+        if not 0 < length <= _MAX_UNROLL or any(c is not None for c in in_chains[n_consts:]):
+            return None
+        chains = {v: c for v, c in zip(body.jaxpr.invars, in_chains[:n_consts]) if c is not None}
+        consts, carry, xs = (
+            list(invals[:n_consts]),
+            list(invals[n_consts : n_consts + n_carry]),
+            list(invals[n_consts + n_carry :]),
+        )
+
+        def step(values: list[Any], run: Interpreter) -> tuple[list[Any], list[Chain | None]]:
+            return run._eval(body.jaxpr, body.consts, values, dict(chains))
+
+        first = [*consts, *carry, *(x[0] for x in xs)]
+        shapes = [jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for v in first]
+        found: list[list[Chain | None]] = []
+        jax.eval_shape(lambda *v: found.append(step(list(v), Interpreter())[1]) or 0, *shapes)
+        if any(c is not None for c in found[0]):
+            return None
+        ys = []
+        for t in range(length - 1, -1, -1) if params["reverse"] else range(length):
+            outs = step([*consts, *carry, *(x[t] for x in xs)], self)[0]
+            carry, y = outs[:n_carry], outs[n_carry:]
+            ys.append(y)
+        if params["reverse"]:
+            ys.reverse()
+        return [*carry, *(jnp.stack(column) for column in zip(*ys))] if ys[0] else carry
 
     def _site(self, site: Site, outs: list[Any], captured: Sequence[Any] = ()) -> list[Any]:
         site.first_capture = len(self.captures)

@@ -14,7 +14,7 @@ book-keeping of Bu et al. 2023), with no second backward pass.
 :func:`per_example_norms` and :func:`ghost_clipped_sum` trace the per-example
 loss, find where each parameter enters, and take per use the cheaper of the
 Gram form above and the explicit per-example gradient; parameters that enter
-through anything else (convolutions, ``scan`` bodies, custom derivatives) get
+through anything else (convolutions, long ``scan`` loops, custom derivatives) get
 their per-example gradients formed exactly, and a warning names them.
 
 What takes which path (see ``_plan``): a parameter, possibly transposed or cast,
@@ -22,9 +22,11 @@ that is an operand of ``dot_general`` takes the Gram form (or the explicit
 outer product where that is smaller); one gathered by rows (``table[ids]``,
 ``jnp.take``) the Gram form over equal ids; one read by an elementwise op
 (``add``, ``mul``, ``sub``, a slice...) costs one copy of itself per example.
-Calls (``jit``, ``checkpoint``) are looked into; ``scan``, ``cond``,
-convolutions and ``custom_jvp``/``custom_vjp`` functions are not: parameters
-read directly by them take the fallback. ``nonfinite="zero"`` needs every
+Calls (``jit``, ``checkpoint``) are looked into, and so is a ``scan`` of up to
+256 steps that reads parameters as constants (unrolled: each step's uses are
+uses of their own, one Gram over the steps); ``cond``, convolutions, longer
+scans and ``custom_jvp``/``custom_vjp`` functions are not: parameters read
+directly by them take the fallback. ``nonfinite="zero"`` needs every
 element of every per-example gradient, so it forms them all. Squared norms are
 summed without rescaling: a per-example norm above about 1e19 (float32)
 overflows to inf.
@@ -367,8 +369,9 @@ def per_example_norms(
     attention projections, at every position of a sequence) and by embedding
     lookups get their norms from Gram matrices over the positions (ghost norms);
     the others (biases, norm scales) cost one copy of themselves per example;
-    those used by other operations (convolutions, ``scan``, custom derivatives)
-    have their per-example gradients formed, with a warning.
+    the body of a ``scan`` of up to 256 steps (an RNN) is followed step by step;
+    those used by other operations (convolutions, longer scans, custom
+    derivatives) have their per-example gradients formed, with a warning.
 
     Args:
       loss_fn: ``loss_fn(params, example) -> loss``, the scalar loss of one

@@ -215,11 +215,52 @@ def test_transformer_paths():
     assert not any(kind == "fallback" for uses in plan.values() for _, kind in uses)
 
 
-def test_rnn_scan_falls_back_exactly():
+def test_rnn_scan_takes_the_gram_path_step_by_step():
+    """An RNN's weights, read by the body of a scan, are used once per step: each use
+    takes the Gram form and one Gram over all the steps holds their cross terms."""
     loss, params, batch = rnn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        check_model(loss, params, batch, modes=("auto", "gram"))
+    plan = _plan(loss, params, batch)
+    assert plan["['wh']"] == [("dot_general", "gram")] * 5  # five steps
+    assert plan["['wx']"] == [("dot_general", "gram")] * 5
+
+
+def test_reversed_scan_with_several_outputs():
+    _, params, batch = rnn()
+
+    def reversed_loss(p, ex):
+        def step(h, x):
+            h = jnp.tanh(x @ p["wx"] + h @ p["wh"])
+            return h, (h, h @ p["wo"])
+
+        h, (hs, ys) = jax.lax.scan(step, jnp.zeros(8), ex["x"], reverse=True)
+        return jnp.sum(h**2) + jnp.sum(hs[::2] ** 3) + jnp.mean((ys - ex["y"]) ** 2)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_model(reversed_loss, params, batch)
+
+
+def test_scans_that_cannot_be_unrolled_fall_back_exactly():
+    """A scan longer than the unrolling limit, and one carrying a parameter."""
+    loss, params, batch = rnn()
+    long_batch = {"x": jnp.tile(batch["x"], (1, 60, 1)), "y": jnp.tile(batch["y"], (1, 60))}
     with pytest.warns(UserWarning, match=r"\['wh'\]"):
-        check_model(loss, params, batch)
-    assert _plan(loss, params, batch)["['wh']"] == [("scan", "fallback")]
+        check_model(loss, params, long_batch)  # 300 steps
+    assert _plan(loss, params, long_batch)["['wh']"] == [("scan", "fallback")]
+
+    def carried(p, ex):
+        def step(carry, x):
+            w, h = carry
+            return (w * 0.9, jnp.tanh(x @ w + h)), h
+
+        _, hs = jax.lax.scan(step, (p["wx"], jnp.zeros(8)), ex["x"])
+        return jnp.sum(hs**2)
+
+    with pytest.warns(UserWarning, match=r"\['wx'\]"):
+        check_model(carried, {"wx": params["wx"]}, batch)
 
 
 def test_cnn_convolution_falls_back_exactly():
