@@ -78,6 +78,7 @@ def test_peak_bandwidth_comes_from_the_flag_then_the_table(monkeypatch):
     assert peak_gbps("Some Future Card", None) is None
 
 
+@pytest.mark.slow
 def test_zero_units_script_times_every_clipper_on_every_gradient(tmp_path):
     out = tmp_path / "zero_units.json"
     script = SUITE.parent / "zero_units.py"

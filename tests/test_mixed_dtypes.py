@@ -50,7 +50,7 @@ AGC_SHAPES = [(), (5,), (1, 4), (2, 3), (3, 1, 2), (2, 1, 2, 3)]
 # (examples, x64 modes drawn from): the default run keeps x64 on, which halves the
 # op-by-op compiles (trees without float64 leaves are still drawn); --slow draws both
 BUDGETS = [
-    pytest.param((10, (True,)), id="fast"),
+    pytest.param((8, (True,)), id="fast"),
     pytest.param((100, (False, True)), id="thorough", marks=pytest.mark.slow),
 ]
 

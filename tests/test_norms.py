@@ -276,12 +276,12 @@ _grad_alike = jax.jit(jax.grad(lambda g: _clip_alike(g)["w05"][0, 0]))
 
 @pytest.mark.parametrize("first", [1.0, math.inf, math.nan, -3e38])
 def test_each_of_many_alike_leaves_is_clipped_by_its_own_norm(first):
-    """Forty alike leaves, the first holding an extreme element: each other leaf is
+    """Twelve alike leaves, the first holding an extreme element: each other leaf is
     clipped by its own norm, also under vmap, and its gradient reaches only it."""
-    tree = {f"w{i:02d}": jnp.full((3, 4), float(i + 1)) for i in range(40)}
+    tree = {f"w{i:02d}": jnp.full((3, 4), float(i + 1)) for i in range(12)}
     tree["w00"] = tree["w00"].at[0, 0].set(first)
     out = _clip_alike(tree)
-    for i in range(1, 40):
+    for i in range(1, 12):
         np.testing.assert_allclose(out[f"w{i:02d}"], np.full((3, 4), 12**-0.5), rtol=1e-6)
     batched = _clip_alike_batched(jax.tree.map(lambda x: jnp.stack([x, 2 * x]), tree))
     np.testing.assert_allclose(batched["w07"], np.full((2, 3, 4), 12**-0.5), rtol=1e-6)
