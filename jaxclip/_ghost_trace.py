@@ -258,9 +258,14 @@ class Interpreter:
 
         first = [*consts, *carry, *(x[0] for x in xs)]
         shapes = [jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)) for v in first]
-        found: list[list[Chain | None]] = []
-        jax.eval_shape(lambda *v: found.append(step(list(v), Interpreter())[1]) or 0, *shapes)
-        if any(c is not None for c in found[0]):
+        out_chains: list[Chain | None] = []
+
+        def dry_run(*values: Any) -> int:  # abstract, with no probes: no site is recorded
+            out_chains.extend(step(list(values), Interpreter())[1])
+            return 0
+
+        jax.eval_shape(dry_run, *shapes)
+        if any(c is not None for c in out_chains):  # a parameter leaves the body as itself
             return None
         ys = []
         for t in range(length - 1, -1, -1) if params["reverse"] else range(length):

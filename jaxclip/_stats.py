@@ -123,7 +123,8 @@ def next_stats(
     )
 
 
-def _find(opt_state: Any, kind: type = ClipStats) -> list[tuple[str, Any]]:
+def find_states(opt_state: Any, kind: type = ClipStats) -> list[tuple[str, Any]]:
+    """Every node of type ``kind`` in ``opt_state``, with its path."""
     flat, _ = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=lambda n: isinstance(n, kind))
     return [(_checks.path_name(path), node) for path, node in flat if isinstance(node, kind)]
 
@@ -155,7 +156,7 @@ def get_stats(opt_state: Any) -> ClipStats | dict[str, ClipStats]:
       >>> float(jaxclip.get_stats(state).norm)
       5.0
     """
-    found = _find(opt_state)
+    found = find_states(opt_state)
     if not found:
         raise ValueError(
             "jaxclip.get_stats: no ClipStats record in this state. Pass the state of an "
@@ -186,7 +187,7 @@ def stats_dict(opt_state: Any, prefix: str = "clip/") -> dict[str, float]:
       >>> jaxclip.stats_dict(state)["clip/clipped"]
       1.0
     """
-    found = _find(opt_state)
+    found = find_states(opt_state)
     if not found:
         get_stats(opt_state)  # raises the explanatory error
     if len(found) == 1:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxclip import _apply, _checks, _clip, _norms
-from jaxclip._stats import ClipStats, _find, initial_stats, next_stats
+from jaxclip._stats import ClipStats, find_states, initial_stats, next_stats
 
 Array = jax.Array
 
@@ -404,7 +404,7 @@ def per_example_clip_norm(opt_state: Any) -> Array:
       >>> float(jaxclip.per_example_clip_norm(tx.init(jnp.zeros(2))))
       0.5
     """
-    found = _find(opt_state, PerExampleClipState)
+    found = find_states(opt_state, PerExampleClipState)
     if len(found) != 1:
         raise ValueError(
             "jaxclip.per_example_clip_norm: expected one per_example_clip state, "
