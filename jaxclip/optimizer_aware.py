@@ -228,9 +228,11 @@ def spike_aware(
         for g, nu in zip(leaves, nus):
             dtype = jnp.promote_types(g.dtype, jnp.float32)  # ratios in float32 at least
             g32, v = g.astype(dtype), jnp.where(reset, 0, nu.astype(dtype))
-            bound = jnp.asarray(theta, dtype) * v
-            spike = gate & (g32 * g32 > bound)
-            clipped.append(jnp.where(spike, jnp.sign(g32) * jnp.sqrt(bound), g32).astype(g.dtype))
+            # |g| > sqrt(theta * v) is the reference's g**2 > theta * v, and its
+            # sign(g) * sqrt(theta * v) is a clip to that bound
+            bound = jnp.where(gate, jnp.sqrt(jnp.asarray(theta, dtype) * v), jnp.inf)
+            spike = jnp.abs(g32) > bound
+            clipped.append(jnp.clip(g32, -bound, bound).astype(g.dtype))
             ratio = jnp.where(v > 0, g32 * g32 / jnp.where(v > 0, v, 1), 0)
             ratios.append(jnp.max(ratio, initial=0).astype(jnp.float32))
             counts.append(jnp.sum(spike, dtype=jnp.float32))
