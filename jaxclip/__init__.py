@@ -1,13 +1,9 @@
 """jaxclip: gradient clipping for JAX and Optax.
 
-Every clipper is an ``optax.GradientTransformation`` that chains before any
-optimizer, runs under ``jax.jit``, keeps all its state in fixed-shape arrays
-and records what it did in a :class:`ClipStats`::
-
-    import optax, jaxclip
-    tx = optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(1e-3))
-    ...
-    jaxclip.get_stats(opt_state).norm   # the pre-clip global norm
+Every clipper is an ``optax.GradientTransformation`` that chains before any optimizer
+(``optax.chain(jaxclip.clip_by_global_norm(1.0), optax.adamw(1e-3))``), runs under
+``jax.jit``, keeps all its state in fixed-shape arrays and records what it did in a
+:class:`ClipStats` (``jaxclip.get_stats(opt_state).norm`` is the pre-clip global norm).
 """
 
 from jaxclip._clip import AdaptiveClipState

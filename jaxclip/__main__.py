@@ -8,7 +8,8 @@ import json
 import os
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TextIO
 
 
 def _positive_int(text: str) -> int:
@@ -34,17 +35,12 @@ def _methods(text: str) -> list[str]:
     return names
 
 
-def _program_name() -> str:
-    """``jaxclip`` when run as the console script, else ``python -m jaxclip``."""
-    return "jaxclip" if os.path.basename(sys.argv[0]) == "jaxclip" else "python -m jaxclip"
-
-
 def _parser() -> argparse.ArgumentParser:
     from jaxclip import demo
 
-    parser = argparse.ArgumentParser(
-        prog=_program_name(), description="Gradient clipping for JAX and Optax."
-    )
+    # the console script is called jaxclip; python -m runs __main__.py
+    prog = "jaxclip" if os.path.basename(sys.argv[0]) == "jaxclip" else "python -m jaxclip"
+    parser = argparse.ArgumentParser(prog=prog, description="Gradient clipping for JAX and Optax.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "demo",
@@ -70,20 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _ProgressBar:
-    def __init__(self, label: str, total: int, stream=sys.stderr) -> None:
-        self.label, self.total, self.stream = label, total, stream
-        self.every = max(1, total // 50)
+def _progress_bar(label: str, total: int, stream: TextIO = sys.stderr) -> Callable[[int], None]:
+    every = max(1, total // 50)
 
-    def __call__(self, done: int) -> None:
-        if done != self.total and (done % self.every or not self.stream.isatty()):
+    def show(done: int) -> None:
+        if done != total and (done % every or not stream.isatty()):
             return
-        filled = int(30 * done / self.total)
-        bar = "#" * filled + "." * (30 - filled)
-        self.stream.write(f"\r{self.label:<22} [{bar}] {done}/{self.total}")
-        if done == self.total:
-            self.stream.write("\n")
-        self.stream.flush()
+        filled = int(30 * done / total)
+        stream.write(f"\r{label:<22} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}")
+        if done == total:
+            stream.write("\n")
+        stream.flush()
+
+    return show
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -98,10 +93,9 @@ def run_demo(args: argparse.Namespace) -> int:
         "the network learned the task."
     )
     methods = args.methods  # argparse applies _methods to the default too
-    histories = [demo.train(m, config, _ProgressBar(m, config.steps)) for m in methods]
+    histories = [demo.train(m, config, _progress_bar(m, config.steps)) for m in methods]
     rows = [h.summary for h in histories]
-    print()
-    print(demo.format_table(rows))
+    print("\n" + demo.format_table(rows))
     notes = [f"  {m}: {demo.NOTES[m]}" for m in methods if m in demo.NOTES]
     if notes:
         print("\n".join(["", "Notes:", *notes]))

@@ -1,9 +1,5 @@
-"""Turning a norm and a threshold into a scale, and applying it to a gradient.
-
-Shared by every norm-based clipper: the scale formula (plain, or PyTorch's with
-``eps``), the optional lower bound, the non-finite policies and the
-dtype-preserving multiply.
-"""
+"""Turning a norm and a threshold into a scale (plain, PyTorch's with ``eps``, or with a
+lower bound), and applying it under a non-finite policy with a dtype-preserving multiply."""
 
 from __future__ import annotations
 
@@ -111,10 +107,9 @@ def scale_for(
         coef, over = plain, norm > threshold
     else:
         eps_arr = jnp.asarray(eps, dtype)
-        torch_like = finite_threshold * lax.reciprocal(norm + eps_arr)
+        coef = finite_threshold * lax.reciprocal(norm + eps_arr)
         if eps_value is None:  # traced eps: choose at run time
-            torch_like = jnp.where(eps_arr > 0, torch_like, plain)
-        coef = torch_like
+            coef = jnp.where(eps_arr > 0, coef, plain)
         over = (norm + eps_arr if eps_in_condition else norm) > threshold
     scale = jnp.where(over, jnp.minimum(coef, 1), jnp.ones_like(norm))
     if min_norm is not None:

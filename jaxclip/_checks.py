@@ -18,6 +18,7 @@ import numpy as np
 from jax.core import Tracer
 
 NONFINITE_POLICIES = ("propagate", "skip", "zero", "error")
+NUMBERS = (int, float, np.ndarray, np.generic, jax.Array)  # bool too: refuse it first
 
 
 def is_traced(value: Any) -> TypeGuard[Tracer]:
@@ -31,9 +32,7 @@ def concrete_value(value: Any) -> float | None:
         return float(value)
     if is_traced(value):
         return None
-    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
-        if np.ndim(value) != 0:
-            return None
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0:
         return float(np.asarray(value))
     return None
 
@@ -55,21 +54,11 @@ def check_scalar(
     below: float | None = None,
     allow_inf: bool = False,
 ) -> None:
-    """Raises ValueError if a scalar hyperparameter is out of its range.
-
-    Args:
-      owner: the public function being built, used in the message.
-      name: the parameter's name.
-      value: the value given.
-      minimum: lowest allowed value (inclusive unless ``strict``).
-      strict: whether ``minimum`` itself is excluded.
-      maximum: highest allowed value (inclusive).
-      below: the value must be less than this.
-      allow_inf: whether +inf is acceptable.
-    """
-    if isinstance(value, bool) or (
-        not isinstance(value, (int, float, np.ndarray, np.generic, jax.Array))
-    ):
+    """Raises ValueError if the scalar hyperparameter ``name`` of ``owner`` (the public
+    function being built) is below ``minimum`` (or at it, if ``strict``), above
+    ``maximum``, at or above ``below``, NaN, or infinite (+inf passes with
+    ``allow_inf``); TypeError if it is not a real number."""
+    if isinstance(value, bool) or not isinstance(value, NUMBERS):
         raise TypeError(
             f"{owner}: {name} must be a real number or a scalar array, got {_describe(value)}."
         )
@@ -127,12 +116,9 @@ def check_nonfinite(
 
 
 def check_order(owner: str, value: Any) -> float:
-    """Returns the norm order as a float: 1, 2, inf or a real p >= 1.
-
-    ``None`` means 2. The order selects code at trace time, so it must be a
-    Python number (or a concrete array); an injected (traced) order is refused
-    with instructions.
-    """
+    """The norm order as a float: 1, 2, inf or a real p >= 1 (None means 2). It selects
+    code at trace time, so it must be a Python number (or a concrete array); an injected
+    (traced) order is refused with instructions."""
     if value is None:
         return 2.0
     if isinstance(value, str) and value.lower() in ("inf", "infinity"):
@@ -195,21 +181,15 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def float_leaves(tree: Any, owner: str, what: str = "updates") -> tuple[list[Any], list[jax.Array]]:
-    """Returns the paths and the leaves of ``tree``, refusing non-floating leaves.
-
-    ``None`` leaves and empty subtrees have no leaves and pass. Leaves of
-    dtype ``float0`` (JAX's gradient of an integer input) carry no values and
-    are not returned: the transforms pass them through unchanged.
-
-    Raises:
-      TypeError: naming every integer, boolean or complex leaf.
-    """
+    """The paths and the leaves of ``tree``; a TypeError names every integer, boolean or
+    complex leaf. ``None`` leaves and empty subtrees have no leaves and pass. ``float0``
+    leaves (JAX's gradient of an integer input) carry no values and are not returned:
+    the transforms pass them through unchanged."""
     paths, leaves, bad = [], [], []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        dtype = getattr(leaf, "dtype", None)
-        if dtype is None:
+        if getattr(leaf, "dtype", None) is None:
             leaf = jnp.asarray(leaf)
-            dtype = leaf.dtype
+        dtype = leaf.dtype
         if dtype == jax.dtypes.float0:
             continue
         if not jnp.issubdtype(dtype, jnp.floating):
@@ -226,15 +206,11 @@ def float_leaves(tree: Any, owner: str, what: str = "updates") -> tuple[list[Any
     return paths, leaves
 
 
-def map_float_leaves(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+def map_float_leaves(fn: Callable[[Any], Any], tree: Any) -> Any:
     """``jax.tree.map`` that leaves ``float0`` leaves untouched."""
-
-    def apply(leaf: Any, *others: Any) -> Any:
-        if getattr(leaf, "dtype", None) == jax.dtypes.float0:
-            return leaf
-        return fn(leaf, *others)
-
-    return jax.tree.map(apply, tree, *rest)
+    return jax.tree.map(
+        lambda x: x if getattr(x, "dtype", None) == jax.dtypes.float0 else fn(x), tree
+    )
 
 
 def replace_leaves(tree: Any, paths: Sequence[Any], new_leaves: Sequence[Any]) -> Any:
@@ -251,15 +227,13 @@ def normalize_axes(
         return [None] * len(leaves)
     out: list[tuple[int, ...] | None] = []
     for path, x in zip(paths, leaves):
-        resolved = []
-        for a in axis:
-            if not -x.ndim <= a < x.ndim:
-                raise ValueError(
-                    f"{owner}: axis={axis} does not fit leaf {path_str(path)} of shape "
-                    f"{x.shape}. Choose axes every leaf has, or clip such leaves separately "
-                    "with optax.partition."
-                )
-            resolved.append(a % x.ndim)
+        if not all(-x.ndim <= a < x.ndim for a in axis):
+            raise ValueError(
+                f"{owner}: axis={axis} does not fit leaf {path_str(path)} of shape "
+                f"{x.shape}. Choose axes every leaf has, or clip such leaves separately "
+                "with optax.partition."
+            )
+        resolved = [a % x.ndim for a in axis]
         if len(set(resolved)) != len(resolved):
             raise ValueError(
                 f"{owner}: axis={axis} names the same axis twice for leaf "

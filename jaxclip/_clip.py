@@ -1,10 +1,6 @@
-"""The clipper pattern: a measure, a threshold rule, an application (``docs/architecture.md``).
-
-Every norm-based clipper measures the gradient, asks a rule how big is too big, and
-applies the scale under a non-finite policy, recording a ``ClipStats``:
-:func:`rule_clipper` by the global norm and a rule (``_rules.py``), :func:`unit_clipper`
-by the norm of each unit. Information flows only through arguments and states: a
-transformation never learns what another one measured.
+"""The clipper pattern (``docs/architecture.md``): :func:`rule_clipper` measures the global
+norm and asks a rule (``_rules.py``) for the threshold, :func:`unit_clipper` measures the
+norm of each unit; both apply the scale under a non-finite policy and record a ``ClipStats``.
 """
 
 from __future__ import annotations
@@ -40,13 +36,12 @@ def transformation_with_extra_args(
 
 
 class Mapped(NamedTuple):
-    """How the gradient is spread over mapped axes (``shard_map``, ``pmap``): see
-    the distributed-training guide (``docs/guides/distributed.md``).
+    """How the gradient is spread over mapped axes (``docs/guides/distributed.md``).
 
-    ``axis_name``: the axes whose devices each hold a disjoint piece of the
-    gradient, or None. ``replicated``: which leaves are whole on every device
-    anyway (None: none; a function ``(path, leaf) -> bool``; or a pytree of
-    booleans shaped like the gradient); they are counted once.
+    ``axis_name``: the axes (``shard_map``, ``pmap``) whose devices each hold a disjoint
+    piece of the gradient, or None. ``replicated``: which leaves are whole on every device
+    anyway (None: none; a function ``(path, leaf) -> bool``; or a pytree of booleans
+    shaped like the gradient); they are counted once.
     """
 
     axis_name: Any = None
@@ -116,7 +111,13 @@ def measure(
     owner: str, updates: Any, p: float, policy: str, where: Mapped = NOT_MAPPED
 ) -> Measured:
     """Checks the leaves (at trace time) and computes the global p-norm."""
-    paths, leaves = _checks.float_leaves(updates, owner)
+    return measure_leaves(owner, *_checks.float_leaves(updates, owner), p, policy, where)
+
+
+def measure_leaves(
+    owner: str, paths: list[Any], leaves: list[Array], p: float, policy: str, where: Mapped
+) -> Measured:
+    """The global p-norm of checked leaves."""
     norm, finite = _norms.global_norm_and_finite(
         leaves,
         p,
@@ -160,11 +161,16 @@ def _tree_where(condition: Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
 
 
-def skip_counters(max_skips: int | None, dtype: Any) -> dict[str, Array]:
-    """The statistics a limit on skips in a row adds (none without a limit)."""
-    if max_skips is None:
-        return {}
-    return {"consecutive_skips": jnp.zeros((), dtype), "forced_steps": jnp.zeros((), dtype)}
+def initial(
+    params: Any, names: tuple[str, ...], max_skips: int | None, threshold: Any
+) -> tuple[Any, ClipStats]:
+    """The statistics' dtype and first record, with ``extra`` zeros for ``names`` and
+    for the counters a limit on skips in a row adds."""
+    dtype = stats_dtype(params)
+    if max_skips is not None:
+        names += ("consecutive_skips", "forced_steps")
+    extra = {name: jnp.zeros((), dtype) for name in names}
+    return dtype, initial_stats(dtype, _apply.as_array(threshold, dtype), extra=extra)
 
 
 def limit_skips(
@@ -207,10 +213,7 @@ def rule_clipper(
     """
 
     def init_fn(params: Any) -> Any:
-        dtype = stats_dtype(params)
-        extra = {name: jnp.zeros((), dtype) for name in rule.extra_names}
-        extra |= skip_counters(max_skips, dtype)
-        stats = initial_stats(dtype, _apply.as_array(initial_threshold, dtype), extra=extra)
+        dtype, stats = initial(params, rule.extra_names, max_skips, initial_threshold)
         rule_state = rule.init(dtype)
         return stats if rule_state is None else AdaptiveClipState(rule_state, stats)
 
@@ -276,14 +279,8 @@ def measure_units(
     see ``_norms.unit_norms`` (off for a threshold of 0, which must clear such units)."""
     paths, leaves = selected.paths, selected.leaves
     if whole:
-        norm, finite = _norms.global_norm_and_finite(
-            leaves,
-            p,
-            sanitize=policy == "zero",
-            axis_name=where.axis_name,
-            replicated=where.flags(owner, paths, leaves),
-        )
-        return Units(selected, norm[None], None, finite, None)
+        measured = measure_leaves(owner, paths, leaves, p, policy, where)
+        return Units(selected, measured.norm[None], None, measured.finite, None)
     arrays, axes = list(leaves), list(selected.axes)
     flags = where.flags(owner, paths, leaves)
     if selected.weights is not None:
@@ -323,31 +320,6 @@ def rescale_units(owner: str, updates: Any, units: Units, scale: _apply.Factor, 
     new_updates = _checks.replace_leaves(updates, paths, new_leaves)
     chex.assert_trees_all_equal_shapes_and_dtypes(new_updates, updates)
     return new_updates
-
-
-class UnitSummary(NamedTuple):
-    norm: Array  # the global pre-clip norm
-    scale: Array  # post-clip global norm / pre-clip global norm
-    clipped: Array  # bool[]: some unit was rescaled
-    clipped_fraction: Array  # fraction of units rescaled
-
-
-def summarize_units(
-    units: Units, scale: _apply.Factor, p: float, policy: str, dtype: Any
-) -> UnitSummary:
-    """The global view of a per-unit clip, from the unit norms alone (no pass over data)."""
-    norms = units.norms.astype(dtype)
-    factor = _apply.Factor(*(f.astype(dtype) for f in scale))
-    before = _norms.combine_norms([norms], p)
-    after = _norms.combine_norms([_apply.multiply(norms, factor)], p)
-    ratio = jnp.where(before > 0, after / jnp.where(before > 0, before, 1), jnp.ones_like(before))
-    n_clipped = jnp.sum((factor.value != 1) & jnp.isfinite(norms))
-    return UnitSummary(
-        norm=before,
-        scale=_apply.reported_scale(ratio, units.step_finite, policy),
-        clipped=units.step_finite & (n_clipped > 0),
-        clipped_fraction=jnp.asarray(n_clipped / max(norms.size, 1), dtype),
-    )
 
 
 def largest(values: Array, dtype: Any) -> Array:
@@ -390,11 +362,8 @@ def unit_clipper(
     """
 
     def init_fn(params: Any) -> Any:
-        dtype = stats_dtype(params)
-        extra = {"clipped_fraction": jnp.zeros((), dtype)}
-        extra |= {name: jnp.zeros((), dtype) for name in extra_names}
-        extra |= skip_counters(max_skips, dtype)
-        stats = initial_stats(dtype, _apply.as_array(initial_threshold, dtype), extra=extra)
+        names = ("clipped_fraction", *extra_names)
+        dtype, stats = initial(params, names, max_skips, initial_threshold)
         return pack(init_rule(params, dtype), stats)
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
@@ -405,16 +374,23 @@ def unit_clipper(
         applied, counters = limit_skips(max_skips, units.step_finite, stats.extra)
         taken = units._replace(step_finite=applied)
         new_updates = rescale_units(owner, updates, taken, decision.scale, policy)
-        summary = summarize_units(taken, decision.scale, p, policy, stats.norm.dtype)
+        # the global view, from the unit norms alone (no pass over the gradient)
+        norms = units.norms.astype(stats.norm.dtype)
+        factor = _apply.Factor(*(f.astype(norms.dtype) for f in decision.scale))
+        before = _norms.combine_norms([norms], p)
+        after = _norms.combine_norms([_apply.multiply(norms, factor)], p)
+        positive = before > 0
+        ratio = jnp.where(positive, after / jnp.where(positive, before, 1), jnp.ones_like(before))
+        fraction = jnp.sum((factor.value != 1) & jnp.isfinite(norms)) / max(norms.size, 1)
         keep = units.step_finite
         stats = next_stats(
             stats,
-            norm=summary.norm,
+            norm=before,
             threshold=decision.threshold,
-            scale=summary.scale,
-            clipped=summary.clipped,
+            scale=_apply.reported_scale(ratio, applied, policy),
+            clipped=applied & (fraction > 0),
             finite=keep,
-            extra={"clipped_fraction": summary.clipped_fraction, **decision.extra, **counters},
+            extra={"clipped_fraction": fraction, **decision.extra, **counters},
         )
         return new_updates, pack(_tree_where(keep, decision.rule, rule), stats)
 

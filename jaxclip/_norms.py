@@ -1,12 +1,10 @@
-"""Robust p-norms: of all leaves together, and of each leaf or slice of a leaf.
+"""Robust p-norms, of all leaves together and of each leaf or slice (``docs/architecture.md``).
 
-The numerics every clipper shares (``docs/architecture.md``): sums of ``|x|^p`` in
-float32 (float64 for all when a leaf is float64), in one plain pass; a sum that is not
-finite or may have underflowed is redone over ``|x| / u``, u the unit's largest
-magnitude, under one ``lax.cond`` for the whole call. No finite input then gets an
-infinite or zero norm unless its true norm lies outside the accumulation dtype's range.
-Square roots have a finite gradient at zero. Out come the norms as one vector of units,
-leaf after leaf, with the shapes that split it back per leaf.
+Sums of ``|x|^p`` in the accumulation dtype, in one plain pass; a sum that is not finite or
+may have underflowed is redone over ``|x| / u``, u the unit's largest magnitude, under one
+``lax.cond`` for the whole call. No finite input then gets an infinite or zero norm unless
+its true norm lies outside the accumulation dtype's range. Square roots have a finite
+gradient at zero.
 """
 
 from __future__ import annotations
@@ -261,12 +259,9 @@ def unit_norms(
     """The p-norm of each leaf, or of each slice of a leaf along its ``axes``.
 
     Args:
-      leaves: floating-point arrays.
-      p: 1, 2, ``math.inf`` or a real p >= 1.
+      leaves, p, sanitize, replicated: as in :func:`global_norm_and_finite`.
       axes: per leaf, the (non-negative, sorted) axes one unit spans, or None
         for the whole leaf.
-      sanitize: non-finite elements count as zero (``finite`` still reports
-        the raw elements).
       zero_sums_are_zero: take a unit whose sum of ``|x|^p`` is exactly zero as
         all zero, without a second pass. Every element of such a unit is then
         zero or below 2^-63 (float32, p = 2), so a clip cannot tell the two
@@ -274,7 +269,6 @@ def unit_norms(
         rows, zero-initialized biases) then cost no rescue.
       axis_name: mapped axes the leaves are sharded over (each device holding
         a piece of every unit), or None.
-      replicated: per leaf, whether it is whole on every device.
 
     Returns:
       A :class:`UnitNorms`, in the accumulation dtype of all the leaves.
@@ -376,7 +370,4 @@ def _add(scalars: Sequence[Array]) -> Array:
     sum of a vector differently across versions and meshes), more as one vector."""
     if len(scalars) > 64:
         return jnp.sum(joined(scalars))
-    total = scalars[0]
-    for s in scalars[1:]:
-        total = total + s
-    return total
+    return sum(scalars[1:], scalars[0])

@@ -1,9 +1,6 @@
-"""Adaptive threshold rules: pure functions of a small state and the latest norm.
-
-A rule is ``init(dtype) -> state`` (None: no state) and ``step(state, norm, count) ->
-RuleStep`` (count: updates seen, for schedules). Rules see no gradients, so tests feed
-them sequences of norms (``docs/architecture.md``). Each follows its paper's reference
-implementation; departures are noted.
+"""Adaptive threshold rules (``docs/architecture.md``): ``init(dtype) -> state`` (None: no
+state) and ``step(state, norm, count) -> RuleStep`` (count: updates seen, for schedules).
+Each follows its paper's reference implementation; departures are noted.
 """
 
 from __future__ import annotations
@@ -38,9 +35,6 @@ def _sqrt(x: Array) -> Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), jnp.zeros_like(x))
 
 
-# -- a constant threshold ---------------------------------------------------------------
-
-
 def constant_rule(max_norm: Any) -> Rule:
     """A fixed threshold: a number, an array or a schedule of the update count."""
 
@@ -49,9 +43,6 @@ def constant_rule(max_norm: Any) -> Rule:
         return RuleStep(threshold, threshold, state, {})
 
     return Rule(lambda dtype: None, step, ())
-
-
-# -- AutoClip ---------------------------------------------------------------------------
 
 
 class AutoClipState(NamedTuple):
@@ -105,8 +96,7 @@ def autoclip_rule(percentile: Any, history: int) -> Rule:
     def step(state: AutoClipState, norm: Array, _count: Array) -> RuleStep:
         n = norm.astype(state.history.dtype)
         slot = state.seen % history
-        evicted = state.history[slot]
-        ordered = _sorted_replace(state.ordered, evicted, state.seen >= history, n)
+        ordered = _sorted_replace(state.ordered, state.history[slot], state.seen >= history, n)
         count = state.seen + 1
         threshold = linear_percentile(ordered, jnp.minimum(count, history), percentile)
         return RuleStep(
@@ -117,9 +107,6 @@ def autoclip_rule(percentile: Any, history: int) -> Rule:
         )
 
     return Rule(init, step, ("seen",))
-
-
-# -- ZClip ------------------------------------------------------------------------------
 
 
 class ZClipState(NamedTuple):
@@ -199,9 +186,6 @@ def zclip_rule(
     return Rule(init, step, ("mean", "std", "z", "spike", "warmup"))
 
 
-# -- quantile tracking ------------------------------------------------------------------
-
-
 class QuantileState(NamedTuple):
     threshold: Array  # float[]: the clip norm C for the next step
 
@@ -227,9 +211,6 @@ def quantile_rule(
         return RuleStep(c, c, QuantileState(new_c), {"below": below})
 
     return Rule(init, step, ("below",))
-
-
-# -- AdaGC ------------------------------------------------------------------------------
 
 
 class AdaGCUnits(NamedTuple):

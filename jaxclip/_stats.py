@@ -17,20 +17,10 @@ Array = jax.Array
 class ClipStats(NamedTuple):
     """What a jaxclip transform saw and did at its latest update.
 
-    All fields are arrays, so the record lives in the optimizer state, works
-    under ``jax.jit`` and is saved with checkpoints. ``norm`` is the norm
-    *before* clipping (what PyTorch's ``clip_grad_norm_`` returns and what the
-    Hugging Face Trainer logs as ``grad_norm``); the norm after clipping is
-    ``norm * scale`` for the global-norm clippers.
-
-    ``norm`` is always the global norm of the whole gradient, in the
-    transform's ``ord``, and ``scale`` the ratio of the global norm after
-    clipping to the one before: the factor applied to every element for the
-    global-norm clippers (a factor below float32's smallest normal number, for a
-    norm more than 2^126 times the threshold, is recorded as 0 on CPU, though it
-    is applied exactly). Clippers that act per leaf or per unit add the
-    fraction of units clipped and the largest unit norm to ``extra``; adaptive
-    ones add their rule's statistics.
+    Each clipper's fields and ``extra`` keys are in ``docs/guides/statistics.md``.
+    For the global-norm clippers ``scale`` is the factor applied to every element;
+    one below float32's smallest normal number, for a norm more than 2^126 times
+    the threshold, is recorded as 0 on CPU, though it is applied exactly.
     """
 
     norm: Array  # float32[] (float64 for float64 params): pre-clip global norm
@@ -187,12 +177,10 @@ def stats_dict(opt_state: Any, prefix: str = "clip/") -> dict[str, float]:
       >>> jaxclip.stats_dict(state)["clip/clipped"]
       1.0
     """
-    found = find_states(opt_state)
-    if not found:
-        get_stats(opt_state)  # raises the explanatory error
-    if len(found) == 1:
-        return found[0][1].to_dict(prefix)
+    found = get_stats(opt_state)  # raises the explanatory error when there is none
+    if isinstance(found, ClipStats):
+        return found.to_dict(prefix)
     out: dict[str, float] = {}
-    for path, stats in found:
+    for path, stats in found.items():
         out.update(stats.to_dict(f"{prefix}{path}/"))
     return out

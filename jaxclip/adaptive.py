@@ -1,11 +1,8 @@
 """Adaptive-threshold clippers: AutoClip, ZClip, quantile tracking and AdaGC.
 
-Each is an ``optax.GradientTransformation`` whose whole state is fixed-shape
-arrays. With default arguments each follows its paper's reference
-implementation step for step; options that depart from it say so. On a step
-whose gradient is not finite, the rule's state is left as it was (the
-references would store NaN and never recover) and ``nonfinite`` decides what
-happens to the update.
+With default arguments each follows its paper's reference implementation step for step;
+options that depart from it say so. A step whose gradient is not finite leaves the rule's
+state as it was (the references would store NaN and never recover).
 """
 
 from __future__ import annotations
@@ -270,23 +267,17 @@ class AdaGCState(NamedTuple):
     stats: ClipStats
 
 
-def _unit_axes(
-    owner: str, paths: list[Any], leaves: list[Array], layer_axis: Any
-) -> list[tuple[int, ...] | None]:
-    """Per leaf, the axes to reduce: None (whole leaf) or all but the layer axis."""
-    out: list[tuple[int, ...] | None] = []
-    for path, x in zip(paths, leaves):
-        axis = layer_axis(_checks.path_name(path), x) if callable(layer_axis) else layer_axis
-        if axis is None:
-            out.append(None)
-            continue
-        if isinstance(axis, bool) or not isinstance(axis, int) or not -x.ndim <= axis < x.ndim:
-            raise ValueError(
-                f"{owner}: layer_axis={axis!r} does not fit leaf {_checks.path_str(path)} of "
-                f"shape {x.shape}; give an axis the leaf has, or None for a whole-leaf unit."
-            )
-        out.append(tuple(d for d in range(x.ndim) if d != axis % x.ndim))
-    return out
+def _unit_axes(owner: str, path: Any, x: Array, layer_axis: Any) -> tuple[int, ...] | None:
+    """The axes of a leaf to reduce: None (whole leaf) or all but the layer axis."""
+    axis = layer_axis(_checks.path_name(path), x) if callable(layer_axis) else layer_axis
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, int) or not -x.ndim <= axis < x.ndim:
+        raise ValueError(
+            f"{owner}: layer_axis={axis!r} does not fit leaf {_checks.path_str(path)} of "
+            f"shape {x.shape}; give an axis the leaf has, or None for a whole-leaf unit."
+        )
+    return tuple(d for d in range(x.ndim) if d != axis % x.ndim)
 
 
 def adagc(
@@ -367,7 +358,8 @@ def adagc(
 
     def units_of(tree: Any, what: str) -> _clip.Selected:
         paths, leaves = _checks.float_leaves(tree, owner, what)
-        return _clip.Selected(paths, leaves, _unit_axes(owner, paths, leaves, layer_axis))
+        axes = [_unit_axes(owner, path, x, layer_axis) for path, x in zip(paths, leaves)]
+        return _clip.Selected(paths, leaves, axes)
 
     def init_rule(params: Any, dtype: Any) -> tuple[Array, Array]:
         n_units = 1
@@ -395,9 +387,7 @@ def adagc(
         step = _rules.adagc_units(
             norms, gamma, warming, seen == 0, warmup_scale, lambda_rel, beta, eps
         )
-        scale = _apply.Factor(
-            jnp.where(jnp.isnan(norms), jnp.nan, step.scale.value), step.scale.tiny
-        )
+        scale = step.scale._replace(value=jnp.where(jnp.isnan(norms), jnp.nan, step.scale.value))
         new_gamma = jnp.where(units.step_finite, step.gamma, gamma)
         limits = _apply.as_array(lambda_rel, dtype) * gamma
         extra = {

@@ -42,22 +42,19 @@ class Config:
     momentum: float = 0.9
 
 
-def _methods() -> dict[str, Callable[[], optax.GradientTransformation | None]]:
-    return {
-        "none": lambda: None,
-        "clip_by_global_norm": lambda: jaxclip.clip_by_global_norm(1.0),
-        "clip_by_value": lambda: jaxclip.clip_by_value(0.1),
-        "autoclip": lambda: jaxclip.autoclip(10.0),
-        "zclip": lambda: jaxclip.zclip(),
-        "adagc": lambda: jaxclip.adagc(),
-        "quantile_clip": lambda: jaxclip.quantile_clip(),
-        "agc": lambda: jaxclip.agc(0.01),
-        "skip_on_spike": lambda: jaxclip.skip_on_spike(jaxclip.clip_by_global_norm(1.0)),
-    }
-
-
+_FACTORIES: dict[str, Callable[[], optax.GradientTransformation | None]] = {
+    "none": lambda: None,
+    "clip_by_global_norm": lambda: jaxclip.clip_by_global_norm(1.0),
+    "clip_by_value": lambda: jaxclip.clip_by_value(0.1),
+    "autoclip": lambda: jaxclip.autoclip(10.0),
+    "zclip": lambda: jaxclip.zclip(),
+    "adagc": lambda: jaxclip.adagc(),
+    "quantile_clip": lambda: jaxclip.quantile_clip(),
+    "agc": lambda: jaxclip.agc(0.01),
+    "skip_on_spike": lambda: jaxclip.skip_on_spike(jaxclip.clip_by_global_norm(1.0)),
+}
 # every method the experiment knows, and the ones the demo runs by default
-METHODS = tuple(_methods())
+METHODS = tuple(_FACTORIES)
 DEFAULT_METHODS = ("none", "clip_by_global_norm", "clip_by_value", "autoclip", "zclip", "adagc")
 
 # where a method's design decides how it fares on this task (shown under the table)
@@ -77,10 +74,9 @@ LEARNED_BELOW = 0.5
 
 def make_clipper(name: str) -> optax.GradientTransformation | None:
     """The clipper a method name stands for (None for no clipping)."""
-    factories = _methods()
-    if name not in factories:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(factories)}")
-    return factories[name]()
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return _FACTORIES[name]()
 
 
 def init_params(key: jax.Array, config: Config) -> dict[str, jax.Array]:
@@ -96,10 +92,8 @@ def init_params(key: jax.Array, config: Config) -> dict[str, jax.Array]:
 
 
 def memory_batch(key: jax.Array, config: Config) -> tuple[jax.Array, jax.Array]:
-    """Inputs ``(batch, seq_len, 2)``: values in [-1, 1] and a marker on the first step.
-
-    The target is the first value.
-    """
+    """Inputs ``(batch, seq_len, 2)``: values in [-1, 1] and a marker on the first step;
+    the target is the first value."""
     n, t = config.batch, config.seq_len
     values = jax.random.uniform(key, (n, t), minval=-1.0, maxval=1.0)
     markers = jnp.zeros((n, t)).at[:, 0].set(1.0)
@@ -162,7 +156,9 @@ def train(
         if clipper is None:
             norm, threshold, clipped = jaxclip.global_norm(grads), jnp.nan, False
         else:
-            stats = _outermost(jaxclip.get_stats(opt_state))
+            stats = jaxclip.get_stats(opt_state)
+            if isinstance(stats, dict):  # the outermost transform's (a guard's, not its inner)
+                stats = stats[min(stats, key=lambda path: (path.count("/"), path))]
             norm, threshold, clipped = stats.norm, stats.threshold, stats.clipped
         return optax.apply_updates(params, updates), opt_state, loss, norm, threshold, clipped
 
@@ -183,13 +179,6 @@ def train(
     history = History(method, loss, norm, threshold, clipped.astype(bool), seconds)
     history.summary = summarize(history, BASELINE_LOSS[config.task])
     return history
-
-
-def _outermost(found: Any) -> jaxclip.ClipStats:
-    """The record of the outermost transform (e.g. a guard rather than what it wraps)."""
-    if isinstance(found, dict):
-        return found[min(found, key=lambda path: (path.count("/"), path))]
-    return found
 
 
 def summarize(history: History, baseline: float) -> dict[str, Any]:
@@ -229,15 +218,12 @@ def count_spikes(loss: np.ndarray, window: int = 50, factor: float = 3.0) -> int
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of summary rows."""
     headers = list(rows[0])
-    cells = [[_fmt(row[h]) for h in headers] for row in rows]
+    cells = [
+        [f"{row[h]:.4g}" if isinstance(row[h], float) else str(row[h]) for h in headers]
+        for row in rows
+    ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join(out)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if np.isnan(value) else f"{value:.4g}"
-    return str(value)

@@ -61,16 +61,14 @@ class GradReport(NamedTuple):
             f"  {'leaf':<{width}}  {'norm':>11}  notes",
         ]
         for path, norm, nans, infs in rows:
-            flags = []
-            if nans:
-                flags.append(f"{nans} NaN")
-            if infs:
-                flags.append(f"{infs} inf")
-            if path in exploding:
-                flags.append(f"exploding (> {ratio:g} x median)")
-            if path in vanishing:
-                flags.append(f"vanishing (< median / {ratio:g})")
-            lines.append(f"  {path:<{width}}  {norm:>11.4g}  {', '.join(flags)}".rstrip())
+            flags = [
+                (nans, f"{nans} NaN"),
+                (infs, f"{infs} inf"),
+                (path in exploding, f"exploding (> {ratio:g} x median)"),
+                (path in vanishing, f"vanishing (< median / {ratio:g})"),
+            ]
+            notes = ", ".join(text for present, text in flags if present)
+            lines.append(f"  {path:<{width}}  {norm:>11.4g}  {notes}".rstrip())
         bad = self.nonfinite()
         if bad:
             lines.append(
@@ -83,10 +81,9 @@ class GradReport(NamedTuple):
 def diagnose(grads: Any) -> GradReport:
     """Checks a gradient's health: per-leaf norms, NaN/inf counts, the global norm.
 
-    Usable inside ``jax.jit`` (it returns arrays); read the result outside with
-    ``report.text()``, ``report.nonfinite()``, ``report.exploding()`` and
-    ``report.vanishing()``. When a run goes NaN, log the report of each step and
-    look at the first step with non-finite leaves.
+    Usable inside ``jax.jit`` (it returns arrays, read outside the step). When a run
+    goes NaN, log the report of each step and look at the first step with non-finite
+    leaves.
 
     Args:
       grads: a pytree of floating-point arrays.
@@ -115,9 +112,8 @@ def diagnose(grads: Any) -> GradReport:
         median = jnp.where(jnp.isnan(median), 0.0, median)
     else:
         median = jnp.zeros((), jnp.float32)
-    global_norm = _norms.combine_norms([stacked], 2.0).astype(jnp.float32)
     return GradReport(
-        global_norm=global_norm,
+        global_norm=_norms.combine_norms([stacked], 2.0).astype(jnp.float32),
         leaf_norms=_checks.replace_leaves(grads, paths, norms),
         nan_count=_checks.replace_leaves(grads, paths, nan_count),
         inf_count=_checks.replace_leaves(grads, paths, inf_count),

@@ -52,24 +52,11 @@ def clip_by_global_norm(
         vanishing gradients: it rescales the whole update, so it cannot tell a
         small step that is right from one that is lost, and it amplifies noise.
       nonfinite: what to do when the gradient holds NaN or inf (or its norm
-        overflows): ``"propagate"`` (default) does what Optax and PyTorch do:
-        a NaN norm makes every element NaN; an infinite norm zeroes the finite
-        elements and turns the infinite ones into NaN, so the step stays visibly
-        broken for ``optax.apply_if_finite`` or a loss check downstream, and is
-        counted in the statistics. ``"skip"`` returns zero updates for the step;
-        ``"zero"`` sets the non-finite elements to zero and clips the rest;
-        ``"error"`` raises an error naming the leaves: ``FloatingPointError``
-        when run eagerly; from a jitted step (one extra pass over the gradient,
-        on failing steps only) JAX reports it as ``jax.errors.JaxRuntimeError``
-        carrying the same message, when the step's result is used.
-        The default leaves the policy to the user instead of hiding a broken
-        step; note that ``"skip"`` still lets a following optimizer advance
-        (e.g. AdamW's weight decay and moments).
+        overflows): ``"propagate"`` (default; as Optax and PyTorch), ``"skip"``,
+        ``"zero"`` or ``"error"``, as told in ``docs/guides/nonfinite.md``.
       max_consecutive_skips: with ``nonfinite="skip"``, the most steps skipped
-        in a row (None: no limit). The next non-finite step is then applied as
-        it is, so a run that stays broken fails visibly instead of freezing
-        (``optax.apply_if_finite``'s ``max_consecutive_errors``); ``stats.extra``
-        counts ``forced_steps`` and the current ``consecutive_skips``.
+        in a row (None: no limit); the next is then applied as it is
+        (``docs/guides/nonfinite.md``).
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
     Returns:
@@ -282,10 +269,9 @@ def clip_by_value(
       min_value: the lower bound, same forms; None (default) means
         ``-max_value``, which then must be >= 0.
       statistics: ``"full"`` (default) records the norms before and after
-        clipping and the fraction of elements clipped; ``"light"`` records the
-        norm before clipping and the largest element magnitude instead. Both
-        read the gradient and the clipped gradient once more each, besides the
-        clip.
+        clipping and the fraction of elements clipped; ``"light"``, cheaper, the
+        norm before clipping and the largest element magnitude (the costs are in
+        ``docs/guides/statistics.md``).
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``),
         for the statistics: the clip itself is element-wise and needs no exchange.
       replicated: with ``axis_name``, the leaves that are whole on every device.
@@ -322,8 +308,7 @@ def clip_by_value(
     extra_name = "clipped_fraction" if mode == "full" else "max_abs"
 
     def init_fn(params: Any) -> ClipStats:
-        dtype = _clip.stats_dtype(params)
-        return initial_stats(dtype, extra={extra_name: jnp.zeros((), dtype)})
+        return _clip.initial(params, (extra_name,), None, 0.0)[1]
 
     def update_fn(updates: Any, state: ClipStats, params: Any = None) -> tuple[Any, ClipStats]:
         del params
@@ -341,12 +326,9 @@ def clip_by_value(
         chex.assert_trees_all_equal_shapes_and_dtypes(new_updates, updates)
 
         flags = where.flags(owner, paths, leaves)
-
-        def norm_of(xs: list[Array]) -> tuple[Array, Array]:
-            return _norms.global_norm_and_finite(
-                xs, 2.0, axis_name=where.axis_name, replicated=flags
-            )
-
+        norm_of = functools.partial(
+            _norms.global_norm_and_finite, p=2.0, axis_name=where.axis_name, replicated=flags
+        )
         before, finite = norm_of(leaves)
         # NaN elements stay NaN and do not count as clipped
         changed = [
@@ -428,9 +410,7 @@ def _readable_leaves(owner: str, name: str, bound: Any) -> list[np.ndarray]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(bound)[0]:
         if _checks.is_traced(leaf):
             continue
-        if isinstance(leaf, bool) or not isinstance(
-            leaf, (int, float, np.ndarray, np.generic, jax.Array)
-        ):
+        if isinstance(leaf, bool) or not isinstance(leaf, _checks.NUMBERS):
             raise TypeError(
                 f"{owner}: {name} must be numbers or arrays, got {leaf!r} at "
                 f"{_checks.path_str(path)}."

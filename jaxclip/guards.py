@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxclip import _checks, _clip
-from jaxclip._stats import ClipStats, initial_stats, next_stats
+from jaxclip._stats import ClipStats, next_stats
 
 Array = jax.Array
 
@@ -63,11 +63,7 @@ def skip_on_spike(
     is more than ``factor`` standard deviations (unbiased) above the mean of
     its window, once the window holds at least ``window // 2`` values. A step
     with a non-finite norm or loss is skipped too. The windows keep filling
-    on skipped steps (non-finite values are left out). With
-    ``max_consecutive_skips``, a step that would be the next skip after that many
-    in a row is taken instead, as ``optax.apply_if_finite`` does with
-    ``max_consecutive_errors``: a run whose norms rose for good, or stay
-    non-finite, then moves on (or visibly fails) instead of freezing.
+    on skipped steps (non-finite values are left out).
 
     Args:
       inner: the transformation to guard, typically the whole optimizer,
@@ -76,7 +72,10 @@ def skip_on_spike(
         shape).
       factor: how many standard deviations above the mean count as a spike, > 0.
       max_consecutive_skips: None (default: no limit) or the most steps skipped in
-        a row, an int >= 0; the next is taken and counted in ``forced_steps``.
+        a row, an int >= 0; the next is taken (as ``optax.apply_if_finite`` does
+        after ``max_consecutive_errors``) and counted in ``forced_steps``, so that a
+        run whose norms rose for good, or stay non-finite, moves on (or visibly
+        fails) instead of freezing.
       axis_name: a sharded gradient's mapped axes (``docs/guides/distributed.md``);
         the loss must then be the same on every device (e.g. its ``pmean``).
       replicated: with ``axis_name``, the leaves that are whole on every device.
@@ -111,8 +110,7 @@ def skip_on_spike(
     extra_names = ("norm_mean", "norm_std", "loss_mean", "loss_std", "loss", "forced_steps")
 
     def init_fn(params: Any) -> SkipOnSpikeState:
-        dtype = _clip.stats_dtype(params)
-        extra = {name: jnp.zeros((), dtype) for name in extra_names}
+        dtype, stats = _clip.initial(params, extra_names, None, 0.0)
         return SkipOnSpikeState(
             inner=inner.init(params),
             norms=jnp.zeros((window,), dtype),
@@ -120,7 +118,7 @@ def skip_on_spike(
             norm_count=jnp.zeros((), jnp.int32),
             loss_count=jnp.zeros((), jnp.int32),
             consecutive_skips=jnp.zeros((), jnp.int32),
-            stats=initial_stats(dtype, extra=extra),
+            stats=stats,
         )
 
     def update_fn(

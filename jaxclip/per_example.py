@@ -1,14 +1,6 @@
 """Per-example clipping and DP-SGD aggregation, with optional adaptive clip norm and noise.
 
-DP-SGD (Abadi et al. 2016) clips each example's gradient to a norm C, sums the
-clipped gradients, adds Gaussian noise of standard deviation ``z * C`` and
-averages. Andrew et al. (2021) let C track a quantile of the per-example norms,
-estimated from a noised count. jaxclip does the clipping, the noise and the
-adaptive C; it does **not** account for privacy: compute the (epsilon, delta)
-of a training run with an accountant such as Google's ``dp_accounting`` from the
-noise multiplier, the sampling rate and the number of steps. With an adaptive C,
-pass the accountant the noise multiplier you gave here (the split between the
-sum and the count keeps that overall multiplier).
+jaxclip does no privacy accounting: see ``docs/guides/per-example.md``.
 """
 
 from __future__ import annotations
@@ -21,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxclip import _apply, _checks, _clip, _norms
-from jaxclip._stats import ClipStats, find_states, initial_stats, next_stats
+from jaxclip._stats import ClipStats, find_states, next_stats
 
 Array = jax.Array
 
@@ -43,11 +35,7 @@ class ClippedSum(NamedTuple):
         if other is None:
             return self
         return ClippedSum(
-            total=jax.tree.map(jnp.add, self.total, other.total),
-            num_examples=self.num_examples + other.num_examples,
-            clipped=self.clipped + other.clipped,
-            norm_sum=self.norm_sum + other.norm_sum,
-            scale_sum=self.scale_sum + other.scale_sum,
+            *jax.tree.map(jnp.add, self[:5], other[:5]),  # total to scale_sum: sums
             max_norm=jnp.maximum(self.max_norm, other.max_norm),
             clip_norm=self.clip_norm,
             finite=self.finite & other.finite,
@@ -56,16 +44,8 @@ class ClippedSum(NamedTuple):
     def across(self, axis_name: Any) -> ClippedSum:
         """The record of the batches of every device of ``axis_name`` together: for a
         batch split over devices (data parallel) in ``shard_map`` or ``pmap``."""
-        total, counts, sums = jax.lax.psum(
-            (self.total, (self.num_examples, self.clipped), (self.norm_sum, self.scale_sum)),
-            axis_name,
-        )
         return ClippedSum(
-            total=total,
-            num_examples=counts[0],
-            clipped=counts[1],
-            norm_sum=sums[0],
-            scale_sum=sums[1],
+            *jax.lax.psum(self[:5], axis_name),  # total to scale_sum: sums
             max_norm=jax.lax.pmax(self.max_norm, axis_name),
             clip_norm=self.clip_norm,
             finite=jax.lax.pmin(self.finite.astype(jnp.int32), axis_name) == 1,
@@ -90,8 +70,7 @@ def _example_norms(owner: str, grads: Any, axis_name: Any) -> tuple[list[Any], l
     measured = _norms.unit_norms(rows, 2.0, axes, axis_name=axis_name)
     # one norm per example, leaf after leaf
     per_leaf = measured.norms.reshape(len(rows), rows[0].shape[0])
-    norms = _norms.norm_along(per_leaf, 2.0, axis=0)
-    return paths, leaves, norms
+    return paths, leaves, _norms.norm_along(per_leaf, 2.0, axis=0)
 
 
 def clip_and_sum(
@@ -134,18 +113,16 @@ def clip_and_sum(
         (jnp.tensordot(weights, x.astype(weights.dtype), axes=(0, 0)) * shift).astype(x.dtype)
         for x in leaves
     ]
-    scales = factors.product()
     total = _checks.replace_leaves(jax.tree.map(lambda x: x[0], per_example_grads), paths, summed)
-    finite = jnp.all(jnp.isfinite(norms))
     return ClippedSum(
         total=total,
         num_examples=jnp.asarray(norms.shape[0], jnp.int32),
         clipped=jnp.sum(norms > c, dtype=jnp.int32),
         norm_sum=jnp.sum(norms),
-        scale_sum=jnp.sum(scales),
+        scale_sum=jnp.sum(factors.product()),
         max_norm=jnp.max(norms),
         clip_norm=c,
-        finite=finite,
+        finite=jnp.all(jnp.isfinite(norms)),
     )
 
 
@@ -208,8 +185,7 @@ def clipped_gradient_sum(
     first = body(None, jax.tree.map(lambda x: x[0], micro))[0]
     if size // step == 1:
         return first
-    rest = jax.tree.map(lambda x: x[1:], micro)
-    return jax.lax.scan(body, first, rest)[0]
+    return jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], micro))[0]
 
 
 class PerExampleClipState(NamedTuple):
@@ -244,15 +220,9 @@ def per_example_clip(
     has no batch axis and chains with any optimizer: a DP-SGD step is
     ``optax.chain(jaxclip.per_example_clip(1.0, noise_multiplier=1.1), optax.sgd(0.1))``.
 
-    With ``target_quantile``, C follows that quantile of the per-example norms
-    (Andrew et al. 2021): after each step ``C <- C * exp(-quantile_learning_rate
-    * (b - target_quantile))``, with b the fraction of examples whose norm was at
-    most C. With noise, b is computed from a count noised with standard
-    deviation ``count_noise_std`` (default: batch size / 20), and the sum's noise
-    multiplier becomes ``(z^-2 - (2 * count_noise_std)^-2)^-1/2``, so that the
-    two releases together have the noise multiplier z you gave.
-
-    jaxclip does no privacy accounting; see the module documentation.
+    With ``target_quantile``, C tracks that quantile of the per-example norms (Andrew
+    et al. 2021), from a noised count when there is noise. Both, and why jaxclip does
+    no privacy accounting, are explained in ``docs/guides/per-example.md``.
 
     Args:
       max_norm: the clip norm C, >= 0 (the initial C when adaptive).
@@ -297,14 +267,12 @@ def per_example_clip(
         _checks.check_scalar(owner, "count_noise_std", count_noise_std, minimum=0.0, strict=True)
     policy = _checks.check_nonfinite(owner, nonfinite)[0]
     _clip.mapped(owner, axis_name, None)
-    extra_names = ("clipped_fraction", "max_example_norm", "noise_std")
 
     def init_fn(params: Any) -> PerExampleClipState:
-        dtype = _clip.stats_dtype(params)
-        c = _apply.as_array(max_norm, dtype)
-        extra = {name: jnp.zeros((), dtype) for name in extra_names}
+        names = ("clipped_fraction", "max_example_norm", "noise_std")
+        dtype, stats = _clip.initial(params, names, None, max_norm)
         return PerExampleClipState(
-            clip_norm=c, key=jax.random.PRNGKey(seed), stats=initial_stats(dtype, c, extra=extra)
+            _apply.as_array(max_norm, dtype), jax.random.PRNGKey(seed), stats
         )
 
     def update_fn(
@@ -312,23 +280,16 @@ def per_example_clip(
     ) -> tuple[Any, PerExampleClipState]:
         del params
         dtype = state.clip_norm.dtype
-        if isinstance(updates, ClippedSum):
-            clipped = updates
-        else:
-            clipped = clip_and_sum(
-                updates,
-                state.clip_norm,
-                axis_name=axis_name,
-                nonfinite="zero" if policy == "zero" else "propagate",
-            )
+        clipped = updates
+        if not isinstance(updates, ClippedSum):
+            zeroed = "zero" if policy == "zero" else "propagate"
+            clipped = clip_and_sum(updates, state.clip_norm, axis_name=axis_name, nonfinite=zeroed)
         c = clipped.clip_norm.astype(dtype)
         count = clipped.num_examples.astype(dtype)
         key, sum_key, count_key = jax.random.split(state.key, 3)
 
-        z = jnp.asarray(noise_multiplier).astype(dtype)
-        sigma_b = (
-            count / 20 if count_noise_std is None else jnp.asarray(count_noise_std).astype(dtype)
-        )
+        z = _apply.as_array(noise_multiplier, dtype)
+        sigma_b = count / 20 if count_noise_std is None else _apply.as_array(count_noise_std, dtype)
         noised = _checks.concrete_value(noise_multiplier) != 0.0
         adaptive = target_quantile is not None
         z_sum = z
@@ -336,22 +297,18 @@ def per_example_clip(
             z_sum = jnp.where(z > 0, (z**-2 - (2 * sigma_b) ** -2) ** -0.5, 0.0)
         noise_std = z_sum * c
 
-        def noisy(x: Array, k: Array) -> Array:
-            if not noised:
-                return x
-            noise = jax.random.normal(k, x.shape, dtype) * noise_std
-            return (x.astype(dtype) + noise).astype(x.dtype)
-
         leaves, treedef = jax.tree.flatten(clipped.total)
-        keys = jax.random.split(sum_key, max(len(leaves), 1))
-        total = jax.tree.unflatten(treedef, [noisy(x, k) for x, k in zip(leaves, keys)])
+        if noised:
+            keys = jax.random.split(sum_key, max(len(leaves), 1))
+            noise = [jax.random.normal(k, x.shape, dtype) * noise_std for x, k in zip(leaves, keys)]
+            leaves = [(x.astype(dtype) + n).astype(x.dtype) for x, n in zip(leaves, noise)]
+        total = jax.tree.unflatten(treedef, leaves)
         divisor = count if reduce == "mean" else jnp.ones((), dtype)
         out = jax.tree.map(lambda x: (x / divisor.astype(x.dtype)).astype(x.dtype), total)
 
         finite = clipped.finite
         if policy == "error":
-            paths, leaves = _checks.float_leaves(clipped.total, owner)
-            _apply.raise_if_nonfinite(owner, paths, leaves, finite)
+            _apply.raise_if_nonfinite(owner, *_checks.float_leaves(clipped.total, owner), finite)
         if policy == "skip":
             out = jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), out)
 
@@ -368,10 +325,9 @@ def per_example_clip(
             new_c = jnp.where(finite, c * jnp.exp(-eta * (b - gamma)), c)
 
         n_clipped = clipped.clipped.astype(dtype)
-        mean_norm = clipped.norm_sum.astype(dtype) / jnp.maximum(count, 1)
         stats = next_stats(
             state.stats,
-            norm=mean_norm,
+            norm=clipped.norm_sum.astype(dtype) / jnp.maximum(count, 1),
             threshold=c,
             scale=clipped.scale_sum.astype(dtype) / jnp.maximum(count, 1),
             clipped=n_clipped > 0,

@@ -10,6 +10,8 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 try:
@@ -42,9 +44,6 @@ def norm_history(
       threshold_label: the threshold line's legend entry.
       ax: draw into these axes instead of a new figure.
 
-    Returns:
-      The Figure.
-
     Example:
       >>> from jaxclip import plot
       >>> fig = plot.norm_history([1.0, 5.0, 1.2], threshold=[2.0, 2.0, 2.0],
@@ -64,9 +63,7 @@ def norm_history(
         ax.plot(steps[mask], values[mask], ".", ms=3, color="tab:red", label="clipped")
     for s in steps[~np.isfinite(values)]:
         ax.axvline(s, color="black", alpha=0.3, lw=0.5)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_title(title)
+    ax.set(yscale="log", xlabel="step", title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     return fig
 
@@ -89,9 +86,6 @@ def losses(
         constant prediction).
       ax: draw into these axes instead of a new figure.
 
-    Returns:
-      The Figure.
-
     Example:
       >>> from jaxclip import plot
       >>> fig = plot.losses({"fixed": [2.0, 1.5, 1.2], "zclip": [2.0, 1.4, 1.1]})
@@ -107,8 +101,7 @@ def losses(
         ax.axhline(baseline, color="black", ls=":", lw=1.2, label=f"baseline {baseline:.3g}")
     if log:
         ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_title(title)
+    ax.set(xlabel="step", title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     return fig
 
@@ -137,9 +130,6 @@ def clip_field(clippers: Mapping[str, Any], *, extent: float = 3.0, points: int 
       >>> len(fig.axes)
       2
     """
-    import jax
-    import jax.numpy as jnp
-
     axis = np.linspace(-extent, extent, points)
     grid = np.stack(np.meshgrid(axis, axis), -1).reshape(-1, 2)
     fig, axes = plt.subplots(1, len(clippers), figsize=(3.2 * len(clippers), 3.2), squeeze=False)
@@ -152,10 +142,7 @@ def clip_field(clippers: Mapping[str, Any], *, extent: float = 3.0, points: int 
         zero = np.zeros(len(grid))
         ax.quiver(zero, zero, grid[:, 0], grid[:, 1], color="0.8", width=0.004, **arrows)
         ax.quiver(zero, zero, *clipped.T, color="tab:blue", width=0.006, **arrows)
-        ax.set_xlim(-extent, extent)
-        ax.set_ylim(-extent, extent)
-        ax.set_aspect("equal")
-        ax.set_title(name)
+        ax.set(xlim=(-extent, extent), ylim=(-extent, extent), aspect="equal", title=name)
     fig.tight_layout()
     return fig
 
@@ -177,23 +164,16 @@ def demo_runs(
     notes = notes or {}
     fig = plt.figure(figsize=(11, 2.6 + 1.9 * n))
     grid = fig.add_gridspec(1 + n, 1, height_ratios=[2.2] + [1.6] * n)
-    runs = {h.method: h.loss for h in histories}
-    losses(runs, baseline=baseline, ax=fig.add_subplot(grid[0]))
+    losses({h.method: h.loss for h in histories}, baseline=baseline, ax=fig.add_subplot(grid[0]))
     for i, h in enumerate(histories):
         ax = fig.add_subplot(grid[1 + i])
         threshold = h.threshold if np.isfinite(h.threshold).any() else None
+        clipped = h.clipped if np.any(h.clipped) else None
         label = "norm of per-tensor thresholds" if h.method == "adagc" else "threshold"
-        note = "\n" + textwrap.fill(notes[h.method], 110) if h.method in notes else ""
-        norm_history(
-            h.norm,
-            threshold,
-            h.clipped if np.any(h.clipped) else None,
-            title=f"{h.method}: pre-clip norm",
-            threshold_label=label,
-            ax=ax,
-        )
-        if note:
-            ax.set_title(f"{h.method}: pre-clip norm{note}", fontsize="small")
+        title = f"{h.method}: pre-clip norm"
+        norm_history(h.norm, threshold, clipped, title=title, threshold_label=label, ax=ax)
+        if h.method in notes:
+            ax.set_title(f"{title}\n{textwrap.fill(notes[h.method], 110)}", fontsize="small")
         if i < n - 1:
             ax.set_xlabel("")
     fig.tight_layout()
