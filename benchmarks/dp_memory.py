@@ -1,7 +1,7 @@
 """Peak memory and time of a DP-SGD step on a transformer: ghost clipping against the rest.
 
     python benchmarks/dp_memory.py [--d-model 384] [--layers 6] [--seq-len 128]
-                                   [--batches 16,64,256,1024] [--steps 3]
+                                   [--batches 16,64,256,1024] [--steps 3] [--fit-gb 24]
 
 The model is char_transformer.py's decoder (vocabulary 128; about 10M
 parameters at the defaults). Each variant and batch size runs in a fresh
@@ -19,7 +19,9 @@ time of the steps after the first:
   (``grad_sample_mode="ghost"``, noise 0), run with ``--torch-python`` (an
   interpreter with torch and opacus; skipped when it has none).
 
-A process that runs out of memory is reported as such. Results go to
+A process that runs out of memory is reported as such. With ``--fit-gb``, each
+JAX variant's largest batch whose compiled step XLA sizes within that many GB
+(compiled at growing batch sizes, not run). Results go to
 benchmarks/results/dp_memory.{json,md,png} (``--render`` redraws them from the .json).
 """
 
@@ -64,6 +66,10 @@ def step(p, tokens):
 compiled = jax.jit(step).lower(params, tokens).compile()
 analysis = compiled.memory_analysis()
 temp = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
+if steps == 0:  # only what XLA's compiled step would hold: temporaries, arguments, outputs
+    sizes = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
+    print(json.dumps({"xla_total_mb": sum(getattr(analysis, k) for k in sizes) / 2**20}))
+    sys.exit()
 times = []
 for _ in range(steps):
     start = time.perf_counter()
@@ -163,7 +169,7 @@ print(json.dumps({
 """
 
 
-def run(variant: str, batch: int, args: argparse.Namespace) -> dict:
+def run(variant: str, batch: int, args: argparse.Namespace, steps: int | None = None) -> dict:
     here = pathlib.Path(__file__).parent
     python, child = (
         (args.torch_python, TORCH_CHILD)
@@ -174,7 +180,7 @@ def run(variant: str, batch: int, args: argparse.Namespace) -> dict:
         )
     )
     cmd = [python, "-c", child, variant, str(batch), str(args.d_model)]
-    cmd += [str(args.layers), str(args.seq_len), str(args.steps)]
+    cmd += [str(args.layers), str(args.seq_len), str(args.steps if steps is None else steps)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=here)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["killed"]
@@ -182,7 +188,24 @@ def run(variant: str, batch: int, args: argparse.Namespace) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def report(rows: list[dict], seq_len: int) -> str:
+def largest_fit(variant: str, args: argparse.Namespace) -> int:
+    """The largest batch whose compiled step XLA sizes within ``--fit-gb`` (compiled,
+    not run): doubling from 16, then halving the gap three times."""
+    fits = lambda b: run(variant, b, args, steps=0)["xla_total_mb"] <= args.fit_gb * 1024  # noqa: E731
+    low, high = 0, 16
+    while high <= args.fit_max and fits(high):
+        low, high = high, 2 * high
+    if low == 0 or high > args.fit_max:
+        return low
+    for _ in range(3):
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def report(
+    rows: list[dict], seq_len: int, fits: dict | None = None, fit_gb: float = 0, fit_max: int = 0
+) -> str:
     """The results as a Markdown table; each PyTorch row against PyTorch's own
     non-private step, each JAX row against JAX's."""
     lines = [
@@ -211,9 +234,19 @@ def report(rows: list[dict], seq_len: int) -> str:
     params = next((r["parameters"] for r in rows if "parameters" in r), 0)
     torch_versions = next((r["versions"] for r in rows if "versions" in r), None)
     note = f"; PyTorch rows ({torch_versions}) against PyTorch's step" if torch_versions else ""
+    table = "\n".join(lines) + "\n"
+    if fits:
+        vmap = fits.get("vmap") or 1
+        table += (
+            f"\nLargest batch whose compiled step XLA sizes within {fit_gb:g} GB (compiled, "
+            "not run):\n\n| variant | largest batch | vs vmap |\n|---|---|---|\n"
+        )
+        for variant, batch in fits.items():
+            shown = f"{batch} or more (the search's cap)" if batch >= fit_max else str(batch)
+            table += f"| {variant} | {shown} | {batch / vmap:.2f}x |\n"
     return (
         f"Transformer, {params / 1e6:.1f}M parameters, sequence length {seq_len}, "
-        f"CPU{note}\n\n" + "\n".join(lines) + "\n"
+        f"CPU{note}\n\n" + table
     )
 
 
@@ -260,11 +293,18 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/dp_memory")
     parser.add_argument("--torch-python", default=sys.executable)
     parser.add_argument("--render", action="store_true", help="redraw from the .json")
+    parser.add_argument(
+        "--fit-gb", type=float, default=0, help="find each JAX path's largest batch"
+    )
+    parser.add_argument("--fit-max", type=int, default=16384)
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     if args.render:
         saved = json.loads(out.with_suffix(".json").read_text())
-        out.with_suffix(".md").write_text(report(saved["rows"], saved["args"]["seq_len"]))
+        fit_gb = saved["args"].get("fit_gb", 0)
+        fit_max = saved["args"].get("fit_max", 0)
+        md = report(saved["rows"], saved["args"]["seq_len"], saved.get("fits"), fit_gb, fit_max)
+        out.with_suffix(".md").write_text(md)
         figure(saved["rows"], out.with_suffix(".png"))
         return
     probe = subprocess.run([args.torch_python, "-c", "import torch, opacus"], capture_output=True)
@@ -278,9 +318,12 @@ def main() -> None:
             result = {"variant": variant, "batch": batch, **run(variant, batch, args)}
             rows.append(result)
             print(json.dumps(result), flush=True)
+    fits = {v: largest_fit(v, args) for v in VARIANTS} if args.fit_gb else None
+    print(json.dumps({"fits": fits}), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write(str(out.with_suffix(".json")), {"machine": machine(), "args": vars(args), "rows": rows})
-    out.with_suffix(".md").write_text(report(rows, args.seq_len))
+    saved = {"machine": machine(), "args": vars(args), "rows": rows, "fits": fits}
+    write(str(out.with_suffix(".json")), saved)
+    out.with_suffix(".md").write_text(report(rows, args.seq_len, fits, args.fit_gb, args.fit_max))
     figure(rows, out.with_suffix(".png"))
     print(f"wrote {out}.json and {out}.md")
 
