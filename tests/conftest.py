@@ -48,6 +48,12 @@ def pytest_configure(config):
     # before the test modules are imported: @given reads the profile when it decorates
     if config.getoption("--slow") and "HYPOTHESIS_PROFILE" not in os.environ:
         settings.load_profile("slow")
+    # Before JAX starts its backend. A run on a fresh clone is mostly XLA compiling small
+    # programs, about a fifth faster without LLVM's optimizations, and arrays this small
+    # run about as fast. With --slow all runs with XLA's default, the code users get.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if not config.getoption("--slow") and "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
 
 
 def pytest_collection_modifyitems(config, items):
