@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxclip import _checks, _clip, _norms
+from jaxclip import _checks, _clip
 from jaxclip._stats import ClipStats, initial_stats, next_stats
 
 Array = jax.Array
@@ -117,12 +117,8 @@ def _rescale(updates: Any, decay: Any, factors: list[Array]) -> Any:
 
 def _measure(owner: str, where: _clip.Mapped, updates: Any) -> tuple[Array, Array, list[bool]]:
     """The gradient's global L2 norm, whether it is finite, and which leaves are replicated."""
-    paths, leaves = _checks.float_leaves(updates, owner)
-    flags = where.flags(owner, paths, leaves)
-    norm, finite = _norms.global_norm_and_finite(
-        leaves, 2.0, axis_name=where.axis_name, replicated=flags
-    )
-    return norm, finite, flags
+    measured = _clip.measure(owner, updates, 2.0, "propagate", where)
+    return measured.norm, measured.finite, where.flags(owner, measured.paths, measured.leaves)
 
 
 def _sum(values: list[Array]) -> Array:
