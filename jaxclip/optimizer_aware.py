@@ -121,6 +121,17 @@ def _measure(owner: str, where: _clip.Mapped, updates: Any) -> tuple[Array, Arra
     return measured.norm, measured.finite, where.flags(owner, measured.paths, measured.leaves)
 
 
+def _count_and_max(flags: Array, values: Array) -> tuple[Array, Array]:
+    """How many ``flags`` are set and the largest of ``values`` (>= 0), as float32,
+    in one pass: XLA on CPU writes out the input of a lone count or maximum."""
+    return lax.reduce(
+        (flags.astype(jnp.float32), values.astype(jnp.float32)),
+        (jnp.float32(0), jnp.float32(0)),
+        lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])),
+        tuple(range(values.ndim)),
+    )
+
+
 def _sum(values: list[Array]) -> Array:
     return functools.reduce(jnp.add, values, jnp.zeros((), jnp.float32))
 
@@ -223,15 +234,18 @@ def spike_aware(
         clipped, counts, ratios = [], [], []
         for g, nu in zip(leaves, nus):
             dtype = jnp.promote_types(g.dtype, jnp.float32)  # ratios in float32 at least
-            g32, v = g.astype(dtype), jnp.where(reset, 0, nu.astype(dtype))
-            # |g| > sqrt(theta * v) is the reference's g**2 > theta * v, and its
+            g32 = g.astype(dtype)
+            # one square root per element, shared by the clip and the statistics:
+            # |g| > sqrt(theta) * sqrt(v) is the reference's g**2 > theta * v, and its
             # sign(g) * sqrt(theta * v) is a clip to that bound
-            bound = jnp.where(gate, jnp.sqrt(jnp.asarray(theta, dtype) * v), jnp.inf)
-            spike = jnp.abs(g32) > bound
+            root_v = jnp.sqrt(jnp.where(reset, 0, nu.astype(dtype)))
+            bound = jnp.where(gate, jnp.sqrt(jnp.asarray(theta, dtype)) * root_v, jnp.inf)
             clipped.append(jnp.clip(g32, -bound, bound).astype(g.dtype))
-            ratio = jnp.where(v > 0, g32 * g32 / jnp.where(v > 0, v, 1), 0)
-            ratios.append(jnp.max(ratio, initial=0).astype(jnp.float32))
-            counts.append(jnp.sum(spike, dtype=jnp.float32))
+            positive = root_v > 0
+            ratio = jnp.where(positive, jnp.square(g32 / jnp.where(positive, root_v, 1)), 0)
+            count, largest = _count_and_max(jnp.abs(g32) > bound, ratio)
+            counts.append(count)
+            ratios.append(largest)
         n_clipped = _sum(where.combine(flags, counts, lax.psum))
         sizes = [jnp.asarray(g.size, jnp.float32) for g in leaves]
         n_total = _sum(where.combine(flags, sizes, lax.psum))
@@ -344,8 +358,11 @@ def stable_update(
 
     def update_fn(updates: Any, state: StableUpdateState, params: Any = None, **extra_args: Any):
         norm, finite, flags = _measure(owner, where, updates)
+        # the barrier keeps XLA from computing the norm's g * g once for the norm and
+        # Adam's g**2, an array it would write out and read back
+        grads = jax.tree.map(lax.optimization_barrier, updates)
         new_updates, decay, new_inner = _inner_step(
-            inner, updates, state.inner, params, extra_args, scale_weight_decay
+            inner, grads, state.inner, params, extra_args, scale_weight_decay
         )
         adam, injected = _find_adam(owner, new_inner)
         beta2 = b2 if b2 is not None else (injected if injected is not None else 0.999)
@@ -353,9 +370,11 @@ def stable_update(
         for g, nu in zip(jax.tree.leaves(updates), _nu_leaves(owner, adam, updates)):
             dtype = jnp.promote_types(g.dtype, jnp.float32)
             debias = 1 - jnp.asarray(beta2, dtype) ** jnp.asarray(adam.count).astype(dtype)
-            g32, v_hat = g.astype(dtype), nu.astype(dtype) / debias
-            ratio = g32 * g32 / jnp.maximum(v_hat, jnp.asarray(eps, dtype))
-            sums.append(jnp.sum(ratio))
+            # sum(g**2 / max(nu / debias, eps)) as debias * sum(g * (g / max(nu, eps *
+            # debias))): the correction leaves the element-wise work, and Adam's g * g
+            # is not shared
+            g32, floor = g.astype(dtype), jnp.asarray(eps, dtype) * debias
+            sums.append(jnp.sum(g32 * (g32 / jnp.maximum(nu.astype(dtype), floor))) * debias)
             sizes.append(jnp.asarray(g.size, dtype))
         sums, sizes = where.combine(flags, sums, lax.psum), where.combine(flags, sizes, lax.psum)
         rmss = [jnp.sqrt(s / jnp.maximum(n, 1)) for s, n in zip(sums, sizes)]
