@@ -277,6 +277,27 @@ def test_jit_and_eager_agree(wrapper):
     assert int(eager_stats[-1].clipped_steps) == int(jitted_stats[-1].clipped_steps)
 
 
+@pytest.mark.parametrize("wrapper", [spike_aware, stable_update])
+def test_the_update_differentiates_as_the_inner_where_nothing_is_clipped(wrapper):
+    params = make_params()
+    g1, g2 = (jax.tree.map(jnp.float32, g) for g in make_grads(2, {}))
+    loose = {"theta": 1e12, "no_clip_steps": 2} if wrapper is spike_aware else {"threshold": 1e12}
+    weights = jax.tree.map(lambda x: jnp.linspace(-1.0, 2.0, x.size).reshape(x.shape), params)
+
+    def derivative(tx):
+        state = tx.update(g1, tx.init(params), params)[1]
+        total = lambda g: optax.tree.vdot(tx.update(g, state, params)[0], weights)  # noqa: E731
+        return jax.jit(jax.grad(total))(g2)
+
+    want = derivative(optax.adam(LR))
+    got = derivative(wrapper(optax.adam(LR), **loose))
+    assert_tree_close(got, jax.tree.map(np.asarray, want), rtol=1e-5, atol=0)
+    assert all(np.abs(np.asarray(x)).min() > 0 for x in jax.tree.leaves(want))
+    if wrapper is spike_aware:  # a clipped coordinate no longer depends on the gradient
+        tight = derivative(spike_aware(optax.adam(LR), theta=1e-6, no_clip_steps=2))
+        assert all(not np.asarray(x).any() for x in jax.tree.leaves(tight))
+
+
 def test_injected_hyperparameters_and_chain():
     params = make_params()
     grads = make_grads(30, {8: [0], 21: [5]})
