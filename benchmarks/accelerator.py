@@ -11,7 +11,8 @@ Every figure is a ratio of medians taken round after round in the same process
    it once: 1.5 times a jitted scaled copy, which reads and writes it once), in
    float32 and bfloat16, on trees from 10 MB to 2 GB as the device memory allows;
 2. a jitted AdamW step with each clipper against AdamW alone and against its
-   floor (AdamW alone plus one read of the gradient);
+   floor (AdamW alone plus one read of the gradient), with ``spike_aware`` and
+   ``stable_update`` around the AdamW against the step with the fixed clip;
 3. 200 steps dispatched without waiting, then one wait: the time per step with
    jaxclip's clip against Optax's, which exposes a wait on the host in every step;
 4. compile time of ``clip_by_global_norm`` on 2000 leaves, and of the per-leaf
@@ -50,6 +51,7 @@ from cases import (
     QUICK,
     STEP_CLIPPERS,
     Tree,
+    adamw,
     compile_seconds,
     optimizer,
     per_example_case,
@@ -75,10 +77,17 @@ SIZES = {
     ),
     "quick": ([Tree(128, 1, 1024), Tree(256, 1, 8192)], 5, Tree(256, 1, 8192), 20, (100, 50)),
 }
+# the wrappers of AdamW itself, timed in case 2 against the step with the fixed clip
+WRAPPERS = {
+    "jaxclip.spike_aware(adamw)": jaxclip.spike_aware,
+    "jaxclip.stable_update(adamw)": jaxclip.stable_update,
+}
+FIXED_CLIP = "jaxclip.clip_by_global_norm"
 TARGETS = {
     "standalone / optax": 1.05,
     "standalone / floor": 1.15,
     "step / floor": 1.05,
+    "Adam wrapper step / fixed clip": 1.10,
     "pipelined / optax": 1.02,
     "compile / optax": 1.0,
 }
@@ -148,9 +157,12 @@ def standalone_case(trees: list[Tree], rounds: int, libs: dict[str, Any]) -> lis
 def step_case(spec: Tree, rounds: int) -> dict[str, Any]:
     params, grads = spec.build(seed=0), spec.build(seed=1)
     runs = {name: training_run(optimizer(name), params, grads) for name in STEP_CLIPPERS}
+    runs |= {name: training_run(wrap(adamw()), params, grads) for name, wrap in WRAPPERS.items()}
     steps = time_steps(runs, grads, rounds)
+    fixed = steps["times"][FIXED_CLIP]["median_ms"]
     for t in steps["times"].values():
         t.pop("samples_ms", None)
+        t["over_fixed_clip"] = t["median_ms"] / fixed
     print(f"[step] {spec.megabytes():,.0f} MB: {len(runs)} steps", flush=True)
     return {"label": f"{spec.megabytes():,.0f} MB {spec.dtype}", **steps}
 
@@ -228,13 +240,12 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"## AdamW step ({step['label']})",
         "",
-        "| step | ms | / AdamW alone | / floor |",
-        "| --- | --- | --- | --- |",
+        "| step | ms | / AdamW alone | / floor | / fixed clip |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for name, t in step["times"].items():
-        lines.append(
-            f"| {name} | {t['median_ms']:.3f} | {fmt(t['over_adamw'])} | {fmt(t['over_floor'])} |"
-        )
+        ratios = " | ".join(fmt(t[k]) for k in ("over_adamw", "over_floor", "over_fixed_clip"))
+        lines.append(f"| {name} | {t['median_ms']:.3f} | {ratios} |")
     p = r["pipelined"]
     lines += ["", f"## {p['steps']} steps dispatched, then one wait", ""]
     lines += [f"- {k}: {v:.3f} ms per step" for k, v in p["per_step_ms"].items()]
