@@ -123,7 +123,8 @@ def _measure(owner: str, where: _clip.Mapped, updates: Any) -> tuple[Array, Arra
 
 def _count_and_max(flags: Array, values: Array) -> tuple[Array, Array]:
     """How many ``flags`` are set and the largest of ``values`` (>= 0), as float32,
-    in one pass: XLA on CPU writes out the input of a lone count or maximum."""
+    in one pass over both (XLA on CPU would also write out the input of a lone
+    count or maximum)."""
     flags, values = lax.stop_gradient((flags, values))  # a general reduce has no derivative
     return lax.reduce(
         (flags.astype(jnp.float32), values.astype(jnp.float32)),
