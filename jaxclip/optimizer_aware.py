@@ -21,7 +21,7 @@ import optax
 from jax import lax
 
 from jaxclip import _checks, _clip
-from jaxclip._stats import ClipStats, initial_stats, next_stats
+from jaxclip._stats import ClipStats, next_stats
 
 Array = jax.Array
 
@@ -220,17 +220,16 @@ def spike_aware(
     def init_fn(params: Any) -> SpikeAwareState:
         inner_state = inner.init(params)
         _find_adam(owner, inner_state)
-        dtype = _clip.stats_dtype(params)
-        extra = {"clipped_fraction": jnp.zeros((), dtype), "max_ratio": jnp.zeros((), dtype)}
-        extra["steps_since_reset"] = jnp.zeros((), jnp.int32)
-        stats = initial_stats(dtype, theta, extra)
+        stats = _clip.initial(params, ("clipped_fraction", "max_ratio"), None, theta)[1]
+        stats = stats._replace(extra={**stats.extra, "steps_since_reset": jnp.zeros((), jnp.int32)})
         return SpikeAwareState(jnp.zeros((), jnp.int32), inner_state, stats)
 
     def update_fn(updates: Any, state: SpikeAwareState, params: Any = None, **extra_args: Any):
         norm, finite, flags = _measure(owner, where, updates)
-        nus = _nu_leaves(owner, _find_adam(owner, state.inner)[0], updates)
         k = jnp.asarray(optax.safe_int32_increment(state.step))
         t, reset = k % R, k % R == 0
+        inner_state = _zero_moments(state.inner, reset)
+        nus = _nu_leaves(owner, _find_adam(owner, inner_state)[0], updates)
         gate = (jnp.asarray(theta) != 0) & (k >= N) & (t >= N)
         leaves, treedef = jax.tree.flatten(updates)
         clipped, counts, ratios = [], [], []
@@ -240,7 +239,7 @@ def spike_aware(
             # one square root per element, shared by the clip and the statistics:
             # |g| > sqrt(theta) * sqrt(v) is the reference's g**2 > theta * v, and its
             # sign(g) * sqrt(theta * v) is a clip to that bound
-            root_v = jnp.sqrt(jnp.where(reset, 0, nu.astype(dtype)))
+            root_v = jnp.sqrt(nu.astype(dtype))
             bound = jnp.where(gate, jnp.sqrt(jnp.asarray(theta, dtype)) * root_v, jnp.inf)
             clipped.append(jnp.clip(g32, -bound, bound).astype(g.dtype))
             positive = root_v > 0
@@ -252,9 +251,8 @@ def spike_aware(
         sizes = [jnp.asarray(g.size, jnp.float32) for g in leaves]
         n_total = _sum(where.combine(flags, sizes, lax.psum))
         max_ratio = functools.reduce(jnp.maximum, where.combine(flags, ratios, lax.pmax), 0.0)
-        grads, inner_state = treedef.unflatten(clipped), _zero_moments(state.inner, reset)
         new_updates, decay, new_inner = _inner_step(
-            inner, grads, inner_state, params, extra_args, scale_weight_decay
+            inner, treedef.unflatten(clipped), inner_state, params, extra_args, scale_weight_decay
         )
         dtype = state.stats.norm.dtype
         # the reference rewinds its warmup counter at the end of update 1 at the earliest
@@ -354,9 +352,8 @@ def stable_update(
         value = None if injected is None else _checks.concrete_value(injected)
         if b2 is not None and value is not None and not np.isclose(value, b2, rtol=1e-6):
             raise ValueError(f"{owner}: b2={b2}, but the inner's injected b2 is {value:g}.")
-        dtype = _clip.stats_dtype(params)
-        extra = {"clipped_fraction": jnp.zeros((), dtype), "max_rms": jnp.zeros((), dtype)}
-        return StableUpdateState(inner_state, initial_stats(dtype, threshold, extra))
+        stats = _clip.initial(params, ("clipped_fraction", "max_rms"), None, threshold)[1]
+        return StableUpdateState(inner_state, stats)
 
     def update_fn(updates: Any, state: StableUpdateState, params: Any = None, **extra_args: Any):
         norm, finite, flags = _measure(owner, where, updates)
